@@ -1,0 +1,123 @@
+//! Choosing among backends: weighted, load-aware, reproducible.
+
+use crate::Backend;
+
+/// Orders `backends` for one request, best first.
+///
+/// Backends that are down are left out. The first place is drawn at random
+/// among backends with spare capacity, each with probability proportional to
+/// `weight / (in_flight + 1)`: idle backends split traffic by weight, busy
+/// ones get less, and the draw never piles every request onto whichever
+/// backend looked least loaded a moment ago. The rest follow by ascending
+/// load per weight, backends at their limit last, so the host has somewhere
+/// to go when the first choice fills up in the meantime.
+///
+/// `seed` is usually the request id, which makes the order reproducible.
+pub fn rank(backends: Vec<Backend>, seed: u64) -> Vec<Backend> {
+    let mut ranked: Vec<Backend> = backends.into_iter().filter(|b| b.healthy).collect();
+    ranked.sort_by(|a, b| {
+        b.has_capacity()
+            .cmp(&a.has_capacity())
+            .then(a.load().total_cmp(&b.load()))
+    });
+    let open = ranked.iter().take_while(|b| b.has_capacity()).count();
+    if open > 1 {
+        let share = |b: &Backend| f64::from(b.weight.max(1)) / f64::from(b.in_flight + 1);
+        let total: f64 = ranked[..open].iter().map(share).sum();
+        let mut point = Rng::new(seed).next_f64() * total;
+        let mut chosen = open - 1;
+        for (i, b) in ranked[..open].iter().enumerate() {
+            point -= share(b);
+            if point < 0.0 {
+                chosen = i;
+                break;
+            }
+        }
+        let first = ranked.remove(chosen);
+        ranked.insert(0, first);
+    }
+    ranked
+}
+
+/// A small, fast pseudo-random generator (SplitMix64) for policies that
+/// need reproducible randomness: seed it with the request id.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator whose sequence depends only on `seed`.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A uniform float in `[0, 1)`.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(name: &str, weight: u32, in_flight: u32, max: u32, healthy: bool) -> Backend {
+        Backend {
+            name: name.into(),
+            models: vec!["m".into()],
+            healthy,
+            in_flight,
+            max_concurrent: max,
+            weight,
+            latency_us: 0,
+        }
+    }
+
+    fn first_counts(fleet: &[Backend], draws: u64) -> Vec<usize> {
+        let mut counts = vec![0; fleet.len()];
+        for seed in 0..draws {
+            let first = &rank(fleet.to_vec(), seed)[0];
+            counts[fleet.iter().position(|b| b.name == first.name).unwrap()] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn idle_backends_split_by_weight() {
+        let fleet = [backend("a", 3, 0, 0, true), backend("b", 1, 0, 0, true)];
+        let counts = first_counts(&fleet, 10_000);
+        assert!((7_200..7_800).contains(&counts[0]), "{counts:?}");
+    }
+
+    #[test]
+    fn down_backends_are_left_out_and_full_ones_go_last() {
+        let fleet = [
+            backend("down", 1, 0, 0, false),
+            backend("full", 1, 2, 2, true),
+            backend("open", 1, 1, 2, true),
+        ];
+        let names: Vec<_> = rank(fleet.to_vec(), 7)
+            .into_iter()
+            .map(|b| b.name)
+            .collect();
+        assert_eq!(names, ["open", "full"]);
+    }
+
+    #[test]
+    fn busier_backends_are_chosen_less() {
+        let fleet = [
+            backend("busy", 1, 9, 0, true),
+            backend("idle", 1, 0, 0, true),
+        ];
+        let counts = first_counts(&fleet, 10_000);
+        assert!(counts[0] < 1_500, "{counts:?}");
+    }
+}

@@ -1,0 +1,73 @@
+//! Builds the guests for `wasm32-wasip2`: the bundled policies (embedded in
+//! the binary) and the test guests (used by the end-to-end tests), with a
+//! nested cargo in its own target directory so it never waits on the outer
+//! build's lock.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BUNDLED: &[&str] = &["model-router"];
+const TEST_GUESTS: &[&str] = &["pin-backend"];
+
+fn main() {
+    let manifest_dir = PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+    );
+    let root = manifest_dir
+        .parent()
+        .expect("host/ sits in the workspace root")
+        .to_path_buf();
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    for dir in ["wit", "guest", "policies", "tests/guests"] {
+        println!("cargo:rerun-if-changed={}", root.join(dir).display());
+    }
+    let target_dir = root.join("target").join("guests");
+
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .current_dir(&root)
+        .args(["build", "--profile", "guest", "--target", "wasm32-wasip2"])
+        .arg("--target-dir")
+        .arg(&target_dir);
+    for package in BUNDLED.iter().chain(TEST_GUESTS) {
+        command.args(["-p", package]);
+    }
+    // The outer build's settings are for the host target; keep them out.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let outer = key.starts_with("CARGO_")
+            && key != "CARGO_HOME"
+            && key != "CARGO_MAKEFLAGS"
+            && !key.starts_with("CARGO_NET")
+            && !key.starts_with("CARGO_REGISTR")
+            && !key.starts_with("CARGO_HTTP");
+        if outer || key == "RUSTFLAGS" || key == "RUSTC_WORKSPACE_WRAPPER" || key == "RUSTC_WRAPPER"
+        {
+            command.env_remove(key.as_ref());
+        }
+    }
+    let status = command.status().expect("running cargo to build the guests");
+    if !status.success() {
+        panic!(
+            "building the wasm guests failed (see above). If the target is missing: \
+             `rustup target add wasm32-wasip2`"
+        );
+    }
+    let built = target_dir.join("wasm32-wasip2").join("guest");
+    for package in BUNDLED {
+        copy(&built, &out_dir, package);
+    }
+    let tests_out = out_dir.join("test-guests");
+    std::fs::create_dir_all(&tests_out).expect("creating the test guest directory");
+    for package in TEST_GUESTS {
+        copy(&built, &tests_out, package);
+    }
+    println!("cargo:rustc-env=SLUICE_TEST_GUESTS={}", tests_out.display());
+}
+
+fn copy(from: &Path, to: &Path, package: &str) {
+    let file = format!("{}.wasm", package.replace('-', "_"));
+    std::fs::copy(from.join(&file), to.join(&file))
+        .unwrap_or_else(|e| panic!("copying {file}: {e}"));
+}

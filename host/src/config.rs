@@ -1,0 +1,410 @@
+//! The typed, validated configuration (`sluice.toml`).
+//!
+//! Parsing rejects unknown keys and wrong types (the TOML error names the
+//! line and key); [`Config::validate`] then checks what types cannot say,
+//! again naming the key, so an operator never has to guess which line is bad.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// A configuration problem, with the key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub policy_runtime: PolicyRuntimeConfig,
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+    /// The policy chain, run in order for every request. Empty means the
+    /// default chain: `builtin:model-router` with no configuration.
+    #[serde(default)]
+    pub policies: Vec<PolicyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the OpenAI-compatible listener.
+    pub listen: SocketAddr,
+    /// Largest request body accepted; larger ones get 413 before they are
+    /// read. Long-context prompts of several MiB are normal.
+    #[serde(deserialize_with = "de_bytes")]
+    pub max_body_bytes: u64,
+    /// Time allowed to open a TCP connection to a backend.
+    #[serde(deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    /// Time allowed from sending a request to a backend until its response
+    /// headers arrive (prefill of a long prompt happens in this window).
+    #[serde(deserialize_with = "de_duration")]
+    pub response_timeout: Duration,
+    /// On shutdown, how long in-flight requests and streams may take to end.
+    #[serde(deserialize_with = "de_duration")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 16 << 20,
+            connect_timeout: Duration::from_secs(3),
+            response_timeout: Duration::from_secs(120),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Bounds on every policy call.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyRuntimeConfig {
+    /// CPU time one policy call may take before it is interrupted.
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Linear memory one policy instance may grow to.
+    #[serde(deserialize_with = "de_bytes")]
+    pub memory_limit: u64,
+    /// Policy instances alive at once (one per request being decided).
+    pub max_instances: u32,
+    /// Largest body a policy may read through `request-data.body`.
+    #[serde(deserialize_with = "de_bytes")]
+    pub max_body_bytes: u64,
+}
+
+impl Default for PolicyRuntimeConfig {
+    fn default() -> Self {
+        PolicyRuntimeConfig {
+            timeout: Duration::from_millis(50),
+            memory_limit: 64 << 20,
+            max_instances: 1000,
+            max_body_bytes: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub name: String,
+    /// Base URL of an OpenAI-compatible server, e.g. `http://10.0.0.5:8000`.
+    /// The client's path (`/v1/chat/completions`) is appended to it.
+    pub url: String,
+    /// The model names this backend serves.
+    pub models: Vec<String>,
+    /// Hard limit on requests in flight to this backend; 0 means none.
+    #[serde(default)]
+    pub max_concurrent_requests: u32,
+    /// Relative share of traffic among backends serving the same model.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Sent to the backend as `Authorization: Bearer …` (the client's own
+    /// credential never is).
+    #[serde(default)]
+    pub api_key: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub name: String,
+    /// `builtin:NAME` for a bundled policy, or a path to a `.wasm`
+    /// component (relative paths are relative to the config file).
+    pub module: String,
+    /// Handed to the guest as JSON.
+    #[serde(default = "empty_object")]
+    pub config: serde_json::Value,
+    /// What happens to a request when this policy traps, times out, runs
+    /// out of memory or returns an invalid decision.
+    #[serde(default)]
+    pub on_error: OnError,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    /// Answer 503 naming the policy.
+    #[default]
+    FailClosed,
+    /// Skip the policy and go on with the chain.
+    FailOpen,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file. Relative module paths are
+    /// resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        let mut config = Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                file: path.to_owned(),
+                message,
+            },
+            other => other,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for policy in &mut config.policies {
+            if !policy.module.starts_with("builtin:") && Path::new(&policy.module).is_relative() {
+                policy.module = base.join(&policy.module).to_string_lossy().into_owned();
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text without validating it.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks what the types cannot: uniqueness, URLs, ranges, modules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", "must be greater than 0"));
+        }
+        let rt = &self.policy_runtime;
+        if rt.timeout.is_zero() {
+            return Err(invalid("policy_runtime.timeout", "must be greater than 0"));
+        }
+        if rt.memory_limit < (1 << 20) {
+            return Err(invalid(
+                "policy_runtime.memory_limit",
+                "must be at least 1MiB",
+            ));
+        }
+        if rt.max_instances == 0 {
+            return Err(invalid(
+                "policy_runtime.max_instances",
+                "must be at least 1",
+            ));
+        }
+        if self.backends.is_empty() {
+            return Err(invalid(
+                "backends",
+                "at least one [[backends]] entry is required",
+            ));
+        }
+        let mut names = HashSet::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            let key = |field: &str| format!("backends[{i}].{field}");
+            if b.name.is_empty() {
+                return Err(invalid(key("name"), "must not be empty"));
+            }
+            if !names.insert(b.name.as_str()) {
+                return Err(invalid(key("name"), format!("`{}` is used twice", b.name)));
+            }
+            crate::backends::BackendUrl::parse(&b.url).map_err(|m| invalid(key("url"), m))?;
+            if b.models.is_empty() {
+                return Err(invalid(key("models"), "must list at least one model"));
+            }
+            if let Some(empty) = b.models.iter().position(String::is_empty) {
+                return Err(invalid(
+                    format!("backends[{i}].models[{empty}]"),
+                    "must not be empty",
+                ));
+            }
+            if b.weight == 0 {
+                return Err(invalid(key("weight"), "must be at least 1"));
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, p) in self.policies.iter().enumerate() {
+            let key = |field: &str| format!("policies[{i}].{field}");
+            if p.name.is_empty() {
+                return Err(invalid(key("name"), "must not be empty"));
+            }
+            if !names.insert(p.name.as_str()) {
+                return Err(invalid(key("name"), format!("`{}` is used twice", p.name)));
+            }
+            match p.module.strip_prefix("builtin:") {
+                Some(builtin) if crate::policy::builtin::find(builtin).is_none() => {
+                    return Err(invalid(
+                        key("module"),
+                        format!(
+                            "no bundled policy `{builtin}` (bundled: {})",
+                            crate::policy::builtin::names().join(", ")
+                        ),
+                    ));
+                }
+                Some(_) => {}
+                None if !Path::new(&p.module).is_file() => {
+                    return Err(invalid(key("module"), format!("no file at {}", p.module)));
+                }
+                None => {}
+            }
+            if !p.config.is_object() {
+                return Err(invalid(key("config"), "must be a table"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The chain to run: the configured policies, or the default router.
+    pub fn policy_chain(&self) -> Vec<PolicyConfig> {
+        if self.policies.is_empty() {
+            vec![PolicyConfig {
+                name: "router".into(),
+                module: "builtin:model-router".into(),
+                config: empty_object(),
+                on_error: OnError::FailClosed,
+            }]
+        } else {
+            self.policies.clone()
+        }
+    }
+}
+
+/// Accepts `"500ms"`, `"3s"`, `"2m"`, `"1h"`, or a bare number of seconds.
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Secs(s) => Ok(Duration::from_secs(s)),
+        Raw::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like \"500ms\", \"3s\" or \"2m\""))?;
+    match unit.trim() {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        other => Err(format!("`{other}` is not a duration unit (ms, s, m, h)")),
+    }
+}
+
+/// Accepts `"16MiB"`, `"512KiB"`, `"1GiB"`, `"100B"`, or a bare byte count.
+fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Bytes(b) => Ok(b),
+        Raw::Text(t) => parse_bytes(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size like \"16MiB\" or \"512KiB\""))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "KB" | "K" => 1 << 10,
+        "MiB" | "MB" | "M" => 1 << 20,
+        "GiB" | "GB" | "G" => 1 << 30,
+        other => return Err(format!("`{other}` is not a size unit (B, KiB, MiB, GiB)")),
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [[backends]]
+        name = "vm01"
+        url = "http://127.0.0.1:9001"
+        models = ["glm4-9b"]
+    "#;
+
+    fn error_of(extra: &str) -> String {
+        let text = format!("{MINIMAL}\n{extra}");
+        match Config::parse(&text).and_then(|c| c.validate().map(|_| c)) {
+            Ok(_) => panic!("accepted: {text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.server.max_body_bytes, 16 << 20);
+        assert_eq!(c.backends[0].weight, 1);
+        assert_eq!(c.policy_chain()[0].module, "builtin:model-router");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(error_of("[server]\nlisten = 5").contains("listen"));
+        assert!(error_of("[server]\nmax_body_bytes = \"12 parsecs\"").contains("parsecs"));
+        assert!(error_of("[server]\nbogus = 1").contains("bogus"));
+        let e = error_of("[[backends]]\nname = \"vm01\"\nurl = \"http://x:1\"\nmodels = [\"m\"]");
+        assert!(e.contains("backends[1].name"), "{e}");
+        let e = error_of("[[backends]]\nname = \"b\"\nurl = \"ftp://x\"\nmodels = [\"m\"]");
+        assert!(e.contains("backends[1].url"), "{e}");
+        let e = error_of("[[policies]]\nname = \"p\"\nmodule = \"builtin:nope\"");
+        assert!(
+            e.contains("policies[0].module") && e.contains("model-router"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(parse_bytes("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_bytes("100"), Ok(100));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").is_err());
+    }
+}

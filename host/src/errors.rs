@@ -1,0 +1,125 @@
+//! Every way a request can fail, and the one function that turns a failure
+//! into an OpenAI-shaped response (`{"error":{"message","type","code"}}`).
+
+use std::time::Duration;
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::Body;
+use crate::policy::PolicyError;
+
+/// Why the gateway answered instead of a backend. Variants say who failed:
+/// the client (4xx), a policy, or a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        code: &'static str,
+        param: Option<&'static str>,
+    },
+    #[error("The request body is larger than the limit of {limit} bytes.")]
+    BodyTooLarge { limit: u64 },
+    #[error("Reading the request body failed: {0}")]
+    ClientBody(String),
+    #[error("Unknown path `{0}`.")]
+    NotFound(String),
+    #[error("Method {method} is not allowed on `{path}`.")]
+    MethodNotAllowed { method: http::Method, path: String },
+    /// A policy answered with a rejection.
+    #[error("{message}")]
+    Rejected {
+        status: StatusCode,
+        message: String,
+        code: String,
+    },
+    /// A policy failed and its `on_error` is fail-closed.
+    #[error("{0}")]
+    Policy(#[from] PolicyError),
+    #[error("No policy in the chain routed this request for model `{model}`.")]
+    NoRoute { model: String },
+    #[error("No backend available for model `{model}`: {reason}.")]
+    NoBackend { model: String, reason: &'static str },
+    #[error("Backend `{backend}` is unreachable: {detail}.")]
+    BackendUnreachable { backend: String, detail: String },
+    #[error("Backend `{backend}` did not answer within {timeout:?}.")]
+    BackendTimeout { backend: String, timeout: Duration },
+}
+
+impl GatewayError {
+    pub fn bad_request(message: impl Into<String>, code: &'static str) -> Self {
+        GatewayError::BadRequest {
+            message: message.into(),
+            code,
+            param: None,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        use GatewayError::*;
+        match self {
+            BadRequest { .. } | ClientBody(_) => StatusCode::BAD_REQUEST,
+            BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            NotFound(_) => StatusCode::NOT_FOUND,
+            MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Rejected { status, .. } => *status,
+            Policy(_) | NoRoute { .. } | NoBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            BackendUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            BackendTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The machine-readable `code` of the error body.
+    pub fn code(&self) -> &str {
+        use GatewayError::*;
+        match self {
+            BadRequest { code, .. } => code,
+            ClientBody(_) => "invalid_body",
+            BodyTooLarge { .. } => "request_too_large",
+            NotFound(_) => "not_found",
+            MethodNotAllowed { .. } => "method_not_allowed",
+            Rejected { code, .. } => code,
+            Policy(_) => "policy_failed",
+            NoRoute { .. } => "no_route",
+            NoBackend { .. } => "no_backend_available",
+            BackendUnreachable { .. } => "backend_unreachable",
+            BackendTimeout { .. } => "backend_timeout",
+        }
+    }
+
+    /// The one place a failure becomes an HTTP response.
+    pub fn into_response(self) -> Response<Body> {
+        let status = self.status();
+        let kind = match status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "invalid_request_error",
+            429 => "rate_limit_error",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        };
+        let param = match &self {
+            GatewayError::BadRequest { param, .. } => *param,
+            _ => None,
+        };
+        let body = serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": kind,
+                "param": param,
+                "code": self.code(),
+            }
+        });
+        let mut response = Response::new(Body::json(&body));
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, Body::JSON);
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        }
+        response
+    }
+}

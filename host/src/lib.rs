@@ -1,0 +1,17 @@
+//! Sluice: an OpenAI-compatible gateway for self-hosted GPU fleets whose
+//! routing decisions are WebAssembly components.
+//!
+//! The modules follow a request: [`server`] accepts it, [`openai`] reads
+//! what routing needs, [`policy`] runs the guest chain, [`backends`] holds
+//! the fleet and its limits, [`proxy`] forwards and streams the answer.
+
+pub mod backends;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod errors;
+pub mod mock;
+pub mod openai;
+pub mod policy;
+pub mod proxy;
+pub mod server;

@@ -1,0 +1,146 @@
+//! What the gateway needs to know of the OpenAI API: which endpoints it
+//! proxies, the few body fields it reads, and the shapes it writes.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use indexmap::IndexMap;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::errors::GatewayError;
+
+/// The proxied endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+}
+
+impl Endpoint {
+    pub fn from_path(path: &str) -> Option<Endpoint> {
+        match path.trim_end_matches('/') {
+            "/v1/chat/completions" => Some(Endpoint::ChatCompletions),
+            "/v1/completions" => Some(Endpoint::Completions),
+            "/v1/embeddings" => Some(Endpoint::Embeddings),
+            _ => None,
+        }
+    }
+}
+
+/// The body fields routing needs, read in one pass that also checks the
+/// whole body is well-formed JSON (serde skips the rest without building it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    pub model: String,
+    pub stream: bool,
+}
+
+impl RequestHead {
+    pub fn parse(body: &[u8]) -> Result<RequestHead, GatewayError> {
+        #[derive(Deserialize)]
+        struct Head<'a> {
+            #[serde(borrow, default)]
+            model: Option<Cow<'a, str>>,
+            #[serde(default)]
+            stream: Option<bool>,
+        }
+        let head: Head = serde_json::from_slice(body).map_err(|e| {
+            use serde_json::error::Category;
+            match e.classify() {
+                Category::Data => GatewayError::bad_request(
+                    format!("The request body has a field of the wrong type: {e}."),
+                    "invalid_request_body",
+                ),
+                _ => GatewayError::bad_request(
+                    format!("The request body is not valid JSON: {e}."),
+                    "invalid_json",
+                ),
+            }
+        })?;
+        match head.model {
+            Some(model) if !model.is_empty() => Ok(RequestHead {
+                model: model.into_owned(),
+                stream: head.stream.unwrap_or(false),
+            }),
+            _ => Err(GatewayError::BadRequest {
+                message: "You must provide a model parameter.".into(),
+                code: "missing_model",
+                param: Some("model"),
+            }),
+        }
+    }
+}
+
+/// `body` with its top-level `model` replaced. Other fields are copied as
+/// raw text in their original order, so a multi-MiB prompt is moved, not
+/// re-encoded.
+pub fn with_model(body: &[u8], model: &str) -> Result<Bytes, serde_json::Error> {
+    let mut fields: IndexMap<Cow<str>, &RawValue> = serde_json::from_slice(body)?;
+    let encoded = serde_json::to_string(model)?;
+    let raw = RawValue::from_string(encoded)?;
+    fields.insert(Cow::Borrowed("model"), &raw);
+    Ok(Bytes::from(serde_json::to_vec(&fields)?))
+}
+
+/// `GET /v1/models` in OpenAI's list shape.
+pub fn model_list(models: &[String], created: u64) -> serde_json::Value {
+    let data: Vec<_> = models
+        .iter()
+        .map(|id| serde_json::json!({"id": id, "object": "model", "created": created, "owned_by": "sluice"}))
+        .collect();
+    serde_json::json!({"object": "list", "data": data})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_reads_model_and_stream() {
+        let h = RequestHead::parse(
+            br#"{"messages":[{"role":"user","content":"hi"}],"model":"m","stream":true}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            h,
+            RequestHead {
+                model: "m".into(),
+                stream: true
+            }
+        );
+        let h = RequestHead::parse(br#"{"model":"m\u00e9","stream":null}"#).unwrap();
+        assert_eq!(
+            h,
+            RequestHead {
+                model: "mé".into(),
+                stream: false
+            }
+        );
+    }
+
+    #[test]
+    fn bad_bodies_are_told_apart() {
+        let code = |b: &[u8]| RequestHead::parse(b).unwrap_err().code().to_string();
+        assert_eq!(code(b"{\"model\":"), "invalid_json");
+        assert_eq!(code(b"not json"), "invalid_json");
+        assert_eq!(code(b"{\"messages\":[]}"), "missing_model");
+        assert_eq!(code(b"{\"model\":\"\"}"), "missing_model");
+        assert_eq!(code(b"{\"model\":7}"), "invalid_request_body");
+        assert_eq!(code(b"[1,2]"), "invalid_request_body");
+    }
+
+    #[test]
+    fn model_rewrite_keeps_everything_else() {
+        let out = with_model(
+            br#"{"model":"a","messages":[{"content":"x \" y"}],"n":1}"#,
+            "b\"c",
+        )
+        .unwrap();
+        assert_eq!(
+            &out[..],
+            br#"{"model":"b\"c","messages":[{"content":"x \" y"}],"n":1}"#
+        );
+    }
+}

@@ -1,0 +1,204 @@
+//! The data plane: accepts connections (HTTP/1.1 and h2c), reads and checks
+//! each request, runs the policy chain and hands the result to the proxy.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::backends::Fleet;
+use crate::body::Body;
+use crate::config::Config;
+use crate::errors::GatewayError;
+use crate::openai::{self, Endpoint, RequestHead};
+use crate::policy::{Chain, PolicyRequest, Runtime};
+use crate::proxy::Upstream;
+
+/// Everything a request needs, shared by all connections.
+pub struct Gateway {
+    pub fleet: Arc<Fleet>,
+    pub runtime: Runtime,
+    pub chain: Chain,
+    upstream: Upstream,
+    max_body_bytes: u64,
+    next_id: AtomicU64,
+    started_at: u64,
+}
+
+impl Gateway {
+    /// Builds the fleet, compiles and trials every policy. Fails with a
+    /// message naming the policy or backend at fault.
+    pub async fn new(config: &Config) -> anyhow::Result<Arc<Gateway>> {
+        let fleet = Arc::new(Fleet::new(&config.backends).map_err(anyhow::Error::msg)?);
+        let runtime = Runtime::new(&config.policy_runtime)?;
+        let chain = Chain::load(&runtime, &fleet, &config.policy_chain()).await?;
+        let server = &config.server;
+        Ok(Arc::new(Gateway {
+            fleet,
+            runtime,
+            chain,
+            upstream: Upstream::new(server.connect_timeout, server.response_timeout),
+            max_body_bytes: server.max_body_bytes,
+            next_id: AtomicU64::new(1),
+            started_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        }))
+    }
+
+    /// Answers one request; never fails (errors become OpenAI-shaped bodies).
+    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        let path = request.uri().path();
+        let method = request.method();
+        let result = match Endpoint::from_path(path) {
+            Some(endpoint) if method == Method::POST => self.proxy(endpoint, request).await,
+            Some(_) => Err(GatewayError::MethodNotAllowed {
+                method: method.clone(),
+                path: path.to_string(),
+            }),
+            None => match (method, path) {
+                (&Method::GET, "/v1/models") => Ok(json_response(&openai::model_list(
+                    self.fleet.models(),
+                    self.started_at,
+                ))),
+                (&Method::GET, "/health") => {
+                    Ok(json_response(&serde_json::json!({"status": "ok"})))
+                }
+                _ => Err(GatewayError::NotFound(path.to_string())),
+            },
+        };
+        result.unwrap_or_else(GatewayError::into_response)
+    }
+
+    async fn proxy(
+        &self,
+        endpoint: Endpoint,
+        request: Request<Incoming>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let (parts, body) = request.into_parts();
+        let body = read_body(&parts.headers, body, self.max_body_bytes).await?;
+        let head = RequestHead::parse(&body)?;
+        let headers = Arc::new(parts.headers);
+        let request = PolicyRequest {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            endpoint,
+            path: parts.uri.path().to_string(),
+            head,
+            consumer: None,
+            headers: headers.clone(),
+            body,
+        };
+        let route = self
+            .chain
+            .decide(&self.runtime, &self.fleet, request)
+            .await?;
+        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        self.upstream.forward(path_and_query, &headers, route).await
+    }
+}
+
+/// Reads the whole request body, refusing one over `limit` before reading it
+/// when the client announced its length, and as soon as it passes the limit
+/// otherwise.
+async fn read_body(
+    headers: &http::HeaderMap,
+    body: Incoming,
+    limit: u64,
+) -> Result<Bytes, GatewayError> {
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit) {
+        return Err(GatewayError::BodyTooLarge { limit });
+    }
+    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(GatewayError::BodyTooLarge { limit })
+        }
+        Err(e) => Err(GatewayError::ClientBody(e.to_string())),
+    }
+}
+
+fn json_response(value: &serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(Body::json(value));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, Body::JSON);
+    *response.status_mut() = StatusCode::OK;
+    response
+}
+
+/// Binds the listener, so the caller learns the real address (port 0 picks
+/// a free one) before serving starts.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))
+}
+
+/// Serves until `shutdown` resolves, then stops accepting and lets open
+/// requests and streams finish for up to `drain`.
+pub async fn serve(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) -> anyhow::Result<()> {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let gateway = gateway.clone();
+        let service = service_fn(move |request| {
+            let gateway = gateway.clone();
+            async move { Ok::<_, std::convert::Infallible>(gateway.handle(request).await) }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: draining open requests for up to {drain:?}");
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout reached; closing remaining connections");
+    }
+    Ok(())
+}

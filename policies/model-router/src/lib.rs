@@ -1,0 +1,61 @@
+//! `builtin:model-router`: sends each request to a backend that serves its
+//! model, spread by weight and live load.
+//!
+//! Configuration (all optional):
+//! ```toml
+//! config = { aliases = { "glm4" = "glm4-9b" } }
+//! ```
+//! `aliases` maps a public model name to the name the backends serve; the
+//! backend receives the resolved name.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use sluice_guest::{export_policy, fleet, select, Decision, Policy, Request, Target};
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    #[serde(default)]
+    aliases: HashMap<String, String>,
+}
+
+struct ModelRouter;
+
+impl Policy for ModelRouter {
+    fn on_request(request: Request) -> Decision {
+        // A bad configuration panics: the host's trial call at load time
+        // refuses the policy with this message instead of serving with it.
+        let config: Config = sluice_guest::config()
+            .unwrap_or_else(|e| panic!("model-router: invalid configuration: {e}"));
+        let alias = config.aliases.get(&request.model);
+        let model = alias.unwrap_or(&request.model);
+
+        let serving = fleet::backends_for_model(model);
+        if serving.is_empty() {
+            return Decision::reject(
+                404,
+                "model_not_found",
+                format!("The model `{}` does not exist.", request.model),
+            );
+        }
+        let ranked = select::rank(serving, request.id);
+        if ranked.is_empty() {
+            return Decision::reject(
+                503,
+                "no_backend_available",
+                format!("Every backend serving `{model}` is down."),
+            );
+        }
+        let targets = ranked
+            .iter()
+            .map(|b| match alias {
+                Some(resolved) => Target::with_model(&b.name, resolved),
+                None => Target::new(&b.name),
+            })
+            .collect();
+        Decision::route(targets)
+    }
+}
+
+export_policy!(ModelRouter);

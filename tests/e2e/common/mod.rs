@@ -1,0 +1,190 @@
+//! Shared helpers: start the binary with a config, start mock backends,
+//! and check OpenAI-shaped errors.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use sluice::mock::{Flavor, MockBackend, MockConfig};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+
+/// A directory that is removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "sluice-e2e-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `sluice serve`, killed when dropped.
+pub struct Sluice {
+    child: Child,
+    pub addr: SocketAddr,
+    pub dir: TempDir,
+}
+
+impl Sluice {
+    /// Starts `sluice serve` with this config on an ephemeral port and waits
+    /// until it listens. Panics with its stderr if it does not start.
+    pub fn start(config: &str) -> Sluice {
+        let dir = TempDir::new();
+        let path = dir.write("sluice.toml", config);
+        let stderr = std::fs::File::create(dir.0.join("stderr.log")).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("starting sluice");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("sluice listening on http://") {
+                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => Sluice { child, addr, dir },
+            Err(_) => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(dir.0.join("stderr.log")).unwrap_or_default();
+                panic!("sluice did not start:\n{log}");
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("stderr.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `sluice ARGS…` to completion.
+pub fn run_sluice(args: &[&str], config: Option<&Path>) -> Output {
+    let mut command = Command::new(BIN);
+    command.args(args);
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
+    command.output().expect("running sluice")
+}
+
+/// Starts an in-process simulated backend on an ephemeral port.
+pub async fn mock(name: &str, models: &[&str]) -> MockBackend {
+    mock_with(MockConfig::new(name, models)).await
+}
+
+pub async fn mock_with(config: MockConfig) -> MockBackend {
+    MockBackend::start("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap()
+}
+
+pub fn paced(
+    name: &str,
+    models: &[&str],
+    flavor: Flavor,
+    interval_ms: u64,
+    tokens: u32,
+) -> MockConfig {
+    let mut config = MockConfig::new(name, models);
+    config.flavor = flavor;
+    config.token_interval = Duration::from_millis(interval_ms);
+    config.answer_tokens = tokens;
+    config
+}
+
+/// A `[[backends]]` entry.
+pub fn backend(name: &str, url: &str, models: &[&str], extra: &str) -> String {
+    let models: Vec<String> = models.iter().map(|m| format!("{m:?}")).collect();
+    format!(
+        "[[backends]]\nname = {name:?}\nurl = {url:?}\nmodels = [{}]\n{extra}\n",
+        models.join(", ")
+    )
+}
+
+/// The path of a test guest built from `tests/guests/` by the build script.
+pub fn test_guest(name: &str) -> String {
+    format!(
+        "{}/{}.wasm",
+        env!("SLUICE_TEST_GUESTS"),
+        name.replace('-', "_")
+    )
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+pub fn chat(model: &str) -> serde_json::Value {
+    serde_json::json!({"model": model, "messages": [{"role": "user", "content": "Say hello"}]})
+}
+
+/// Asserts an OpenAI-shaped error with this status and code.
+pub async fn expect_error(
+    response: reqwest::Response,
+    status: u16,
+    code: &str,
+) -> serde_json::Value {
+    assert_eq!(response.status().as_u16(), status, "status");
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        content_type.starts_with("application/json"),
+        "{content_type}"
+    );
+    let body: serde_json::Value = response.json().await.unwrap();
+    let error = &body["error"];
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(error["type"].as_str().is_some(), "{body}");
+    assert_eq!(error["code"], code, "{body}");
+    body
+}

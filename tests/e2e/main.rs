@@ -1,0 +1,9 @@
+//! End-to-end tests: the real `sluice` binary on 127.0.0.1, simulated GPU
+//! backends on ephemeral ports, and a real HTTP client.
+
+mod common;
+
+mod cli;
+mod errors;
+mod routing;
+mod streaming;

@@ -1,0 +1,44 @@
+//! Test guest: routes to the backend named in the `x-pin-backend` header (or
+//! the configured `default`), rewrites the model when `x-pin-model` is set,
+//! and rejects with 418 when the body's `user` is "teapot" — so a test can
+//! observe headers, body, config, fleet and every kind of decision.
+
+use serde::Deserialize;
+use sluice_guest::{export_policy, fleet, log, request, Decision, Policy, Request, Target};
+
+#[derive(Deserialize)]
+struct Config {
+    default: String,
+}
+
+#[derive(Deserialize)]
+struct Body {
+    user: Option<String>,
+}
+
+struct PinBackend;
+
+impl Policy for PinBackend {
+    fn on_request(req: Request) -> Decision {
+        let config: Config = sluice_guest::config().expect("config needs `default`");
+        if request::header("authorization").is_some() {
+            return Decision::reject(500, "credential_leak", "the host showed a credential");
+        }
+        if let Some(Body { user: Some(user) }) = request::body_json::<Body>() {
+            if user == "teapot" {
+                return Decision::reject(418, "teapot", "short and stout");
+            }
+        }
+        let backend = request::header("x-pin-backend").unwrap_or(config.default);
+        if !fleet::backends().iter().any(|b| b.name == backend) {
+            log::warn(&format!("no backend named {backend}; routing anyway"));
+        }
+        match request::header("x-pin-model") {
+            Some(model) => Decision::route(vec![Target::with_model(&backend, &model)]),
+            None if req.model.is_empty() => Decision::reject(400, "empty_model", "empty"),
+            None => Decision::route_to(&backend),
+        }
+    }
+}
+
+export_policy!(PinBackend);
