@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const BUNDLED: &[&str] = &["model-router"];
-const TEST_GUESTS: &[&str] = &["pin-backend"];
+const BUNDLED: &[&str] = &["model-router", "sensitive-words", "fallback"];
+const TEST_GUESTS: &[&str] = &["pin-backend", "misbehave", "legacy-router"];
 
 fn main() {
     let manifest_dir = PathBuf::from(

@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 rustup target add wasm32-wasip2
-cargo test --release -p sluice -p sluice-guest
+cargo test --release -p sluice -p sluice-guest -p sensitive-words -p fallback

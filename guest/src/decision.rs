@@ -1,6 +1,6 @@
 //! Constructors that make decisions read like what they do.
 
-use crate::{Decision, Edits, Rejection, Target};
+use crate::{Decision, Edits, FailureDecision, Rejection, Target, TextDecision};
 
 impl Decision {
     /// No routing opinion: the next policy in the chain decides.
@@ -42,6 +42,30 @@ impl Decision {
             code: code.to_string(),
             message: message.into(),
         })
+    }
+}
+
+impl TextDecision {
+    /// Release this text instead of the original.
+    pub fn replace(text: impl Into<String>) -> Self {
+        TextDecision::Replace(text.into())
+    }
+
+    /// End the answer: a stream ends with `finish_reason: "content_filter"`,
+    /// a non-streamed answer becomes this error.
+    pub fn stop(status: u16, code: &str, message: impl Into<String>) -> Self {
+        TextDecision::Stop(Rejection {
+            status,
+            code: code.to_string(),
+            message: message.into(),
+        })
+    }
+}
+
+impl FailureDecision {
+    /// Try these targets instead of the remaining ones.
+    pub fn retry(targets: Vec<Target>) -> Self {
+        FailureDecision::Retry(targets)
     }
 }
 

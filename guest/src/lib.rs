@@ -12,7 +12,11 @@
 //! struct Router;
 //!
 //! impl Policy for Router {
-//!     fn on_request(request: Request) -> Decision {
+//!     fn init() -> Result<Self, String> {
+//!         Ok(Router)
+//!     }
+//!
+//!     fn on_request(&self, request: Request) -> Decision {
 //!         let backends = fleet::backends_for_model(&request.model);
 //!         match select::rank(backends, request.id).first() {
 //!             Some(best) => Decision::route_to(&best.name),
@@ -23,6 +27,19 @@
 //!
 //! export_policy!(Router);
 //! ```
+//!
+//! ## Life of a policy
+//! When the host loads a policy it calls [`Policy::init`] once, then takes a
+//! snapshot of the instance. Every request runs in a fresh copy of that
+//! snapshot: whatever `init` built (a parsed config, a word automaton) is
+//! there at no cost, and nothing a request changes survives it.
+//!
+//! The hooks, in the order a request meets them:
+//! - [`Policy::on_request`]: route, reject or pass on (every policy);
+//! - [`Policy::on_failure`]: a backend failed before the client saw a byte
+//!   (only if [`Policy::hooks`] sets `failure`);
+//! - [`Policy::on_response_text`]: the answer's text, as it streams (only if
+//!   [`Policy::hooks`] sets `response_holdback`).
 //!
 //! Build with `cargo build --target wasm32-wasip2 --release`; the `.wasm` in
 //! `target/wasm32-wasip2/release/` is the component to deploy.
@@ -54,14 +71,91 @@ pub mod bindings {
 pub use wit_bindgen as __wit_bindgen;
 
 pub use bindings::sluice::policy::types::{
-    Backend, Decision, Edits, Endpoint, Rejection, Request, Target,
+    Backend, Decision, Edits, Endpoint, Failure, FailureDecision, FailureKind, Hooks, Rejection,
+    Request, Target, TextDecision,
 };
 
-/// A routing policy: implement this and export it with [`export_policy!`].
-pub trait Policy {
-    /// Decide what happens to one request. Runs before anything is sent to
-    /// a backend; see [`Decision`] for the possible answers.
-    fn on_request(request: Request) -> Decision;
+/// A policy: implement this and export it with [`export_policy!`]. Only
+/// [`Policy::init`] is required; every hook has a default that does nothing.
+pub trait Policy: Sized + 'static {
+    /// Builds the policy's state, once, when the host loads it: read the
+    /// configuration ([`config`]), build lookup tables. An error refuses the
+    /// deploy with its message.
+    fn init() -> Result<Self, String>;
+
+    /// Which hooks beyond `on_request` the host should call. The default
+    /// is none.
+    fn hooks(&self) -> Hooks {
+        Hooks {
+            response_holdback: None,
+            failure: false,
+        }
+    }
+
+    /// Decide what happens to one request, before anything is sent to a
+    /// backend. The default passes it on to the next policy.
+    fn on_request(&self, request: Request) -> Decision {
+        let _ = request;
+        Decision::pass()
+    }
+
+    /// Filter the answer's text for choice `choice`. For a stream, `text` is
+    /// what was held back last time followed by the new chunk's text, and
+    /// the host keeps the last `response_holdback` characters of what you
+    /// return for the next call; `last` is true on the final call. Called
+    /// only when [`Policy::hooks`] sets `response_holdback`.
+    fn on_response_text(
+        &self,
+        request: &Request,
+        choice: u32,
+        text: &str,
+        last: bool,
+    ) -> TextDecision {
+        let _ = (request, choice, text, last);
+        TextDecision::Pass
+    }
+
+    /// A backend failed before any byte reached the client: go on with the
+    /// remaining targets, retry elsewhere (another model makes it a
+    /// fallback), or give up. Called only when [`Policy::hooks`] sets
+    /// `failure`.
+    fn on_failure(&self, request: &Request, failure: &Failure) -> FailureDecision {
+        let _ = (request, failure);
+        FailureDecision::Next
+    }
+}
+
+/// Holds the exported policy's state. Guests are single-threaded, so a
+/// plain cell is enough; `export_policy!` puts one in a static.
+#[doc(hidden)]
+pub struct Instance<P>(std::cell::UnsafeCell<Option<P>>);
+
+// SAFETY: a component instance runs on one thread and never re-enters its
+// own exports, so the cell is never accessed concurrently.
+unsafe impl<P> Sync for Instance<P> {}
+
+impl<P: Policy> Instance<P> {
+    #[allow(clippy::new_without_default)]
+    pub const fn new() -> Self {
+        Instance(std::cell::UnsafeCell::new(None))
+    }
+
+    /// The policy, built by `init` on first use (the host normally runs
+    /// `init` before snapshotting, so this is already done).
+    pub fn get(&self) -> Result<&P, String> {
+        // SAFETY: see `Sync` above; the reference never outlives one export call.
+        let slot = unsafe { &mut *self.0.get() };
+        if slot.is_none() {
+            *slot = Some(P::init()?);
+        }
+        Ok(slot.as_ref().expect("just set"))
+    }
+
+    /// [`Instance::get`] for the hooks, where an `init` error can only trap.
+    pub fn policy(&self) -> &P {
+        self.get()
+            .unwrap_or_else(|e| panic!("policy init failed: {e}"))
+    }
 }
 
 /// The policy's deploy-time configuration (the `config` table of its entry
@@ -72,31 +166,56 @@ pub fn config_json() -> String {
 
 /// The policy's configuration, parsed into `T`.
 ///
-/// The host checks every policy on a trial request when it loads it, so a
-/// policy that panics on a configuration error is refused at deploy time
-/// rather than failing live requests:
+/// Read it in [`Policy::init`], so a bad configuration refuses the deploy
+/// instead of failing requests:
 ///
 /// ```ignore
 /// #[derive(serde::Deserialize, Default)]
 /// struct Config { aliases: std::collections::HashMap<String, String> }
 ///
-/// let config: Config = sluice_guest::config().expect("invalid configuration");
+/// impl Policy for Router {
+///     fn init() -> Result<Self, String> {
+///         let config: Config = sluice_guest::config().map_err(|e| e.to_string())?;
+///         Ok(Router { config })
+///     }
+/// }
 /// ```
 pub fn config<T: serde::de::DeserializeOwned>() -> Result<T, serde_json::Error> {
     serde_json::from_str(&config_json())
 }
 
-/// Export a type implementing [`Policy`] as the component's request hook.
+/// Export a type implementing [`Policy`] as the component's hooks.
 ///
 /// Use it once, at the top level of the policy crate.
 #[macro_export]
 macro_rules! export_policy {
     ($policy:ident) => {
-        impl $crate::bindings::exports::sluice::policy::request_phase::Guest for $policy {
-            fn on_request(request: $crate::Request) -> $crate::Decision {
-                <$policy as $crate::Policy>::on_request(request)
+        static __SLUICE_POLICY: $crate::Instance<$policy> = $crate::Instance::new();
+
+        impl $crate::bindings::exports::sluice::policy::lifecycle::Guest for $policy {
+            fn init() -> Result<$crate::Hooks, String> {
+                __SLUICE_POLICY.get().map(|p| <$policy as $crate::Policy>::hooks(p))
             }
         }
+
+        impl $crate::bindings::exports::sluice::policy::request_phase::Guest for $policy {
+            fn on_request(request: $crate::Request) -> $crate::Decision {
+                <$policy as $crate::Policy>::on_request(__SLUICE_POLICY.policy(), request)
+            }
+        }
+
+        impl $crate::bindings::exports::sluice::policy::response_phase::Guest for $policy {
+            fn on_response_text(request: $crate::Request, choice: u32, text: String, last: bool) -> $crate::TextDecision {
+                <$policy as $crate::Policy>::on_response_text(__SLUICE_POLICY.policy(), &request, choice, &text, last)
+            }
+        }
+
+        impl $crate::bindings::exports::sluice::policy::failure_phase::Guest for $policy {
+            fn on_failure(request: $crate::Request, failure: $crate::Failure) -> $crate::FailureDecision {
+                <$policy as $crate::Policy>::on_failure(__SLUICE_POLICY.policy(), &request, &failure)
+            }
+        }
+
         $crate::bindings::__export_policy_world!($policy with_types_in $crate::bindings);
     };
 }

@@ -17,9 +17,14 @@ pub enum Body {
     /// Generated piece by piece; ends when the sender is dropped.
     Channel(tokio::sync::mpsc::Receiver<Bytes>),
     Backend {
+        /// The first frame, read before the client was answered.
+        first: Option<Bytes>,
         inner: Incoming,
         /// Released when the stream ends or the client goes away.
         slot: Option<Slot>,
+        /// An event stream: a backend failure after the first byte ends it
+        /// with an error event and `[DONE]` instead of a cut connection.
+        sse: bool,
     },
 }
 
@@ -32,10 +37,12 @@ impl Body {
         Body::full(serde_json::to_vec(value).unwrap_or_default())
     }
 
-    pub fn backend(inner: Incoming, slot: Slot) -> Body {
+    pub fn backend(first: Option<Bytes>, inner: Incoming, slot: Slot, sse: bool) -> Body {
         Body::Backend {
+            first,
             inner,
             slot: Some(slot),
+            sse,
         }
     }
 
@@ -53,12 +60,34 @@ impl http_body::Body for Body {
         match self.get_mut() {
             Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Body::Channel(rx) => rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))),
-            Body::Backend { inner, slot } => {
-                let polled = Pin::new(inner).poll_frame(cx);
-                if let Poll::Ready(None | Some(Err(_))) = &polled {
-                    slot.take();
+            Body::Backend {
+                first,
+                inner,
+                slot,
+                sse,
+            } => {
+                if slot.is_none() {
+                    return Poll::Ready(None);
                 }
-                polled
+                if let Some(bytes) = first.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(bytes))));
+                }
+                match Pin::new(inner).poll_frame(cx) {
+                    Poll::Ready(None) => {
+                        slot.take();
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        slot.take();
+                        tracing::warn!(error = %e, "backend stream broke after the answer began");
+                        if *sse {
+                            Poll::Ready(Some(Ok(Frame::data(stream_error(&e.to_string())))))
+                        } else {
+                            Poll::Ready(Some(Err(e)))
+                        }
+                    }
+                    other => other,
+                }
             }
         }
     }
@@ -67,7 +96,9 @@ impl http_body::Body for Body {
         match self {
             Body::Full(bytes) => bytes.is_none(),
             Body::Channel(_) => false,
-            Body::Backend { inner, .. } => inner.is_end_stream(),
+            Body::Backend {
+                first, inner, slot, ..
+            } => slot.is_none() || (first.is_none() && inner.is_end_stream()),
         }
     }
 
@@ -76,7 +107,26 @@ impl http_body::Body for Body {
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Body::Full(None) => SizeHint::with_exact(0),
             Body::Channel(_) => SizeHint::default(),
-            Body::Backend { inner, .. } => inner.size_hint(),
+            Body::Backend {
+                first: None, inner, ..
+            } => inner.size_hint(),
+            Body::Backend { .. } => SizeHint::default(),
         }
     }
+}
+
+/// The events that end a stream whose backend failed after the answer
+/// began: an OpenAI-style error (the SDKs raise it) and `[DONE]`.
+pub fn stream_error(detail: &str) -> Bytes {
+    let error = serde_json::json!({
+        "error": {
+            "message": format!("The backend failed while streaming: {detail}"),
+            "type": "server_error",
+            "param": null,
+            "code": "backend_stream_error",
+        }
+    });
+    let mut out = crate::sse::event(&error.to_string()).to_vec();
+    out.extend_from_slice(crate::sse::DONE);
+    Bytes::from(out)
 }

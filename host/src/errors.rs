@@ -44,6 +44,8 @@ pub enum GatewayError {
     BackendUnreachable { backend: String, detail: String },
     #[error("Backend `{backend}` did not answer within {timeout:?}.")]
     BackendTimeout { backend: String, timeout: Duration },
+    #[error("Backend `{backend}` answered with status {status}.")]
+    BackendStatus { backend: String, status: StatusCode },
 }
 
 impl GatewayError {
@@ -64,7 +66,7 @@ impl GatewayError {
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Rejected { status, .. } => *status,
             Policy(_) | NoRoute { .. } | NoBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            BackendUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            BackendUnreachable { .. } | BackendStatus { .. } => StatusCode::BAD_GATEWAY,
             BackendTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -84,6 +86,7 @@ impl GatewayError {
             NoBackend { .. } => "no_backend_available",
             BackendUnreachable { .. } => "backend_unreachable",
             BackendTimeout { .. } => "backend_timeout",
+            BackendStatus { .. } => "backend_error",
         }
     }
 

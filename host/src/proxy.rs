@@ -1,25 +1,32 @@
 //! Forwarding a routed request: tries the policy's targets in order, takes a
-//! concurrency slot on the backend it uses, and streams the answer back
-//! without buffering it.
+//! concurrency slot on the backend it uses, asks the failure hooks what to
+//! do when an attempt fails, and hands back the answer once its first bytes
+//! are in — so until then a request (a stream too) can still move to
+//! another backend or model.
 
+use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderName};
-use http::{HeaderMap, HeaderValue, Method, Request, Response};
-use http_body_util::Full;
+use http::response::Parts;
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::body::Body;
+use crate::backends::{Backend, Fleet, Slot};
 use crate::errors::GatewayError;
 use crate::openai;
-use crate::policy::Route;
+use crate::policy::contract::{AttemptFailure, AttemptFailureKind, FailureDecision};
+use crate::policy::{Chain, Route, Runtime, Target};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
-/// plus `host` and `content-length`, which the client sets anew.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// plus `host`, which the client sets anew.
+pub const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -42,6 +49,44 @@ const CREDENTIALS: [HeaderName; 5] = [
 
 /// Tells the client (and an operator reading a trace) which backend answered.
 pub const BACKEND_HEADER: HeaderName = HeaderName::from_static("x-sluice-backend");
+/// Which model answered: differs from the one asked after a fallback.
+pub const MODEL_HEADER: HeaderName = HeaderName::from_static("x-sluice-model");
+
+/// Attempts per request, whatever the failure hooks say.
+const MAX_ATTEMPTS: u32 = 8;
+
+/// A backend's answer whose headers and first body bytes have arrived.
+pub struct Answer {
+    pub backend: Arc<Backend>,
+    pub model: String,
+    pub parts: Parts,
+    /// The first frame of the body, read before answering the client;
+    /// `None` when the body was empty.
+    pub first: Option<Bytes>,
+    pub incoming: Incoming,
+    pub slot: Slot,
+}
+
+impl Answer {
+    pub fn is_event_stream(&self) -> bool {
+        self.parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"))
+    }
+}
+
+enum Attempt {
+    Answered(Answer),
+    Full,
+    Failed {
+        kind: AttemptFailureKind,
+        error: GatewayError,
+        /// The backend's own error answer, for a status failure.
+        answer: Option<Answer>,
+    },
+}
 
 pub struct Upstream {
     client: Client<HttpConnector, Full<Bytes>>,
@@ -62,87 +107,219 @@ impl Upstream {
         }
     }
 
-    /// Sends the request to the first target that has a free slot and
-    /// answers; moves on when a backend is full, unreachable or too slow to
-    /// send its headers. A backend's own error statuses go to the client.
+    /// Forwards until an attempt is answered, the failure hooks give up, or
+    /// the targets run out. A backend's own error status goes to the client
+    /// unless a failure hook moves the request elsewhere.
     pub async fn forward(
         &self,
+        runtime: &Runtime,
+        fleet: &Arc<Fleet>,
+        chain: &Chain,
+        path_and_query: &str,
+        route: &Route,
+    ) -> Result<Answer, GatewayError> {
+        let mut queue: VecDeque<Target> = route
+            .targets
+            .iter()
+            .map(|t| Target {
+                backend: t.backend.clone(),
+                model: t.model.clone(),
+            })
+            .collect();
+        let mut bodies = Bodies::new(&route.body, &route.info.model);
+        let mut attempts = 0;
+        let mut last: Option<(GatewayError, Option<Answer>)> = None;
+        while let Some(target) = queue.pop_front() {
+            if attempts >= MAX_ATTEMPTS {
+                break;
+            }
+            let body = bodies.for_model(&target.model)?;
+            let (kind, error, answer) = match self
+                .attempt(&target, path_and_query, &route.headers, body)
+                .await
+            {
+                Attempt::Answered(answer) => return Ok(answer),
+                Attempt::Full => continue,
+                Attempt::Failed {
+                    kind,
+                    error,
+                    answer,
+                } => (kind, error, answer),
+            };
+            attempts += 1;
+            let failure = AttemptFailure {
+                backend: target.backend.name.to_string(),
+                model: target.model.clone(),
+                kind,
+                status: answer.as_ref().map_or(0, |a| a.parts.status.as_u16()),
+                attempt: attempts,
+                remaining: queue.iter().map(Target::spec).collect(),
+            };
+            let decision = if chain.handles_failures() {
+                chain.on_failure(runtime, fleet, route, &failure).await?
+            } else if kind == AttemptFailureKind::Status {
+                FailureDecision::GiveUp
+            } else {
+                FailureDecision::Next
+            };
+            tracing::info!(backend = %failure.backend, model = %failure.model, kind = ?kind, status = failure.status, attempt = attempts, decision = ?decision, "attempt failed");
+            match decision {
+                FailureDecision::Next => {}
+                FailureDecision::Retry(targets) => {
+                    queue = chain.resolve(fleet, &route.info.model, targets)?.into();
+                }
+                FailureDecision::GiveUp => return give_up(error, answer),
+            }
+            last = Some((error, answer));
+        }
+        match last {
+            Some((error, answer)) => give_up(error, answer),
+            None => Err(GatewayError::NoBackend {
+                model: route.info.model.clone(),
+                reason: "every backend the policy chose is at its max_concurrent_requests",
+            }),
+        }
+    }
+
+    /// One attempt on one target: a slot, the request, the response headers
+    /// and the first body frame, all within `response_timeout`.
+    async fn attempt(
+        &self,
+        target: &Target,
         path_and_query: &str,
         headers: &HeaderMap,
-        route: Route,
-    ) -> Result<Response<Body>, GatewayError> {
-        let mut last_error = None;
-        let mut rewritten: Option<(String, Bytes)> = None;
-        for target in &route.targets {
-            let backend = &target.backend;
-            let Some(slot) = backend.try_acquire() else {
-                continue;
-            };
-            let body = if target.model == route.head.model {
-                route.body.clone()
-            } else {
-                match &rewritten {
-                    Some((model, body)) if *model == target.model => body.clone(),
-                    _ => {
-                        let body = openai::with_model(&route.body, &target.model).map_err(|e| {
-                            GatewayError::bad_request(
-                                format!("The request body could not be rewritten: {e}."),
-                                "invalid_json",
-                            )
-                        })?;
-                        rewritten = Some((target.model.clone(), body.clone()));
-                        body
-                    }
-                }
-            };
-            let request = build_request(backend, path_and_query, headers, body).map_err(|e| {
-                GatewayError::BackendUnreachable {
+        body: Bytes,
+    ) -> Attempt {
+        let backend = &target.backend;
+        let Some(slot) = backend.try_acquire() else {
+            return Attempt::Full;
+        };
+        let failed = |kind, error| Attempt::Failed {
+            kind,
+            error,
+            answer: None,
+        };
+        let unreachable = |detail: String| GatewayError::BackendUnreachable {
+            backend: backend.name.to_string(),
+            detail,
+        };
+        let request = match build_request(backend, path_and_query, headers, body) {
+            Ok(request) => request,
+            Err(e) => return failed(AttemptFailureKind::Connect, unreachable(e.to_string())),
+        };
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.response_timeout;
+        let timeout = || {
+            backend.record_failure();
+            tracing::warn!(backend = %backend.name, timeout = ?self.response_timeout, "backend timed out");
+            failed(
+                AttemptFailureKind::Timeout,
+                GatewayError::BackendTimeout {
                     backend: backend.name.to_string(),
-                    detail: e.to_string(),
-                }
-            })?;
-            let started = Instant::now();
-            match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
-                Ok(Ok(response)) => {
-                    if response.status().is_server_error() {
-                        backend.record_failure();
-                    } else {
-                        backend.record_success(started.elapsed());
-                    }
-                    let (mut parts, incoming) = response.into_parts();
-                    strip(&mut parts.headers, &HOP_BY_HOP);
-                    if let Ok(name) = HeaderValue::from_str(&backend.name) {
-                        parts.headers.insert(BACKEND_HEADER, name);
-                    }
-                    return Ok(Response::from_parts(parts, Body::backend(incoming, slot)));
-                }
-                Ok(Err(e)) => {
-                    backend.record_failure();
-                    tracing::warn!(backend = %backend.name, error = %error_chain(&e), "backend unreachable");
-                    last_error = Some(GatewayError::BackendUnreachable {
-                        backend: backend.name.to_string(),
-                        detail: error_chain(&e),
-                    });
-                }
-                Err(_) => {
-                    backend.record_failure();
-                    tracing::warn!(backend = %backend.name, timeout = ?self.response_timeout, "backend timed out");
-                    last_error = Some(GatewayError::BackendTimeout {
-                        backend: backend.name.to_string(),
-                        timeout: self.response_timeout,
-                    });
-                }
+                    timeout: self.response_timeout,
+                },
+            )
+        };
+        let response = match tokio::time::timeout_at(deadline, self.client.request(request)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => {
+                backend.record_failure();
+                tracing::warn!(backend = %backend.name, error = %error_chain(&e), "backend unreachable");
+                return failed(AttemptFailureKind::Connect, unreachable(error_chain(&e)));
             }
+            Err(_) => return timeout(),
+        };
+        let (mut parts, mut incoming) = response.into_parts();
+        let first = match tokio::time::timeout_at(deadline, incoming.frame()).await {
+            Err(_) => return timeout(),
+            Ok(None) => None,
+            Ok(Some(Ok(frame))) => frame.into_data().ok(),
+            Ok(Some(Err(e))) => {
+                backend.record_failure();
+                let detail = format!(
+                    "the connection broke before the answer began: {}",
+                    error_chain(&e)
+                );
+                return failed(AttemptFailureKind::Broken, unreachable(detail));
+            }
+        };
+        strip(&mut parts.headers, &HOP_BY_HOP);
+        if let Ok(name) = HeaderValue::from_str(&backend.name) {
+            parts.headers.insert(BACKEND_HEADER, name);
         }
-        Err(last_error.unwrap_or(GatewayError::NoBackend {
-            model: route.head.model,
-            reason: "every backend the policy chose is at its max_concurrent_requests",
-        }))
+        if let Ok(model) = HeaderValue::from_str(&target.model) {
+            parts.headers.insert(MODEL_HEADER, model);
+        }
+        let status = parts.status;
+        let answer = Answer {
+            backend: backend.clone(),
+            model: target.model.clone(),
+            parts,
+            first,
+            incoming,
+            slot,
+        };
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            if status.is_server_error() {
+                backend.record_failure();
+            }
+            let error = GatewayError::BackendStatus {
+                backend: backend.name.to_string(),
+                status,
+            };
+            return Attempt::Failed {
+                kind: AttemptFailureKind::Status,
+                error,
+                answer: Some(answer),
+            };
+        }
+        backend.record_success(started.elapsed());
+        Attempt::Answered(answer)
+    }
+}
+
+/// The answer to send when the request gives up: the backend's own error
+/// response when there is one, the gateway's error otherwise.
+fn give_up(error: GatewayError, answer: Option<Answer>) -> Result<Answer, GatewayError> {
+    answer.ok_or(error)
+}
+
+/// The request body per target model, rewritten at most once per model.
+struct Bodies {
+    original: Bytes,
+    model: String,
+    rewritten: Vec<(String, Bytes)>,
+}
+
+impl Bodies {
+    fn new(original: &Bytes, model: &str) -> Bodies {
+        Bodies {
+            original: original.clone(),
+            model: model.to_string(),
+            rewritten: Vec::new(),
+        }
+    }
+
+    fn for_model(&mut self, model: &str) -> Result<Bytes, GatewayError> {
+        if model == self.model {
+            return Ok(self.original.clone());
+        }
+        if let Some((_, body)) = self.rewritten.iter().find(|(m, _)| m == model) {
+            return Ok(body.clone());
+        }
+        let body = openai::with_model(&self.original, model).map_err(|e| {
+            GatewayError::bad_request(
+                format!("The request body could not be rewritten: {e}."),
+                "invalid_json",
+            )
+        })?;
+        self.rewritten.push((model.to_string(), body.clone()));
+        Ok(body)
     }
 }
 
 fn build_request(
-    backend: &crate::backends::Backend,
+    backend: &Backend,
     path_and_query: &str,
     client_headers: &HeaderMap,
     body: Bytes,
@@ -160,14 +337,14 @@ fn build_request(
             headers.append(name, value.clone());
         }
     }
-    headers.insert(header::CONTENT_TYPE, Body::JSON);
+    headers.insert(header::CONTENT_TYPE, crate::body::Body::JSON);
     if let Some(auth) = &backend.authorization {
         headers.insert(header::AUTHORIZATION, auth.clone());
     }
     Ok(request)
 }
 
-fn strip(headers: &mut HeaderMap, names: &[HeaderName]) {
+pub fn strip(headers: &mut HeaderMap, names: &[HeaderName]) {
     for name in names {
         headers.remove(name);
     }
@@ -175,7 +352,7 @@ fn strip(headers: &mut HeaderMap, names: &[HeaderName]) {
 
 /// "connect error: Connection refused (os error 111)" rather than just
 /// "client error (Connect)".
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {

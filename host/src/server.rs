@@ -22,15 +22,16 @@ use crate::backends::Fleet;
 use crate::body::Body;
 use crate::config::Config;
 use crate::errors::GatewayError;
+use crate::filter::Filter;
 use crate::openai::{self, Endpoint, RequestHead};
 use crate::policy::{Chain, PolicyRequest, Runtime};
-use crate::proxy::Upstream;
+use crate::proxy::{Answer, Upstream};
 
 /// Everything a request needs, shared by all connections.
 pub struct Gateway {
     pub fleet: Arc<Fleet>,
-    pub runtime: Runtime,
-    pub chain: Chain,
+    pub runtime: Arc<Runtime>,
+    pub chain: Arc<Chain>,
     upstream: Upstream,
     max_body_bytes: u64,
     next_id: AtomicU64,
@@ -42,8 +43,8 @@ impl Gateway {
     /// message naming the policy or backend at fault.
     pub async fn new(config: &Config) -> anyhow::Result<Arc<Gateway>> {
         let fleet = Arc::new(Fleet::new(&config.backends).map_err(anyhow::Error::msg)?);
-        let runtime = Runtime::new(&config.policy_runtime)?;
-        let chain = Chain::load(&runtime, &fleet, &config.policy_chain()).await?;
+        let runtime = Arc::new(Runtime::new(&config.policy_runtime)?);
+        let chain = Arc::new(Chain::load(&runtime, &fleet, &config.policy_chain()).await?);
         let server = &config.server;
         Ok(Arc::new(Gateway {
             fleet,
@@ -77,6 +78,15 @@ impl Gateway {
                 (&Method::GET, "/health") => {
                     Ok(json_response(&serde_json::json!({"status": "ok"})))
                 }
+                (&Method::GET, "/metrics") => {
+                    let text = crate::metrics::metrics().render();
+                    let mut response = Response::new(Body::full(text));
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    );
+                    Ok(response)
+                }
                 _ => Err(GatewayError::NotFound(path.to_string())),
             },
         };
@@ -91,22 +101,53 @@ impl Gateway {
         let (parts, body) = request.into_parts();
         let body = read_body(&parts.headers, body, self.max_body_bytes).await?;
         let head = RequestHead::parse(&body)?;
-        let headers = Arc::new(parts.headers);
         let request = PolicyRequest {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             endpoint,
             path: parts.uri.path().to_string(),
             head,
             consumer: None,
-            headers: headers.clone(),
+            headers: Arc::new(parts.headers),
             body,
         };
-        let route = self
-            .chain
-            .decide(&self.runtime, &self.fleet, request)
-            .await?;
+        let chain = self.chain.clone();
+        let route = chain.decide(&self.runtime, &self.fleet, request).await?;
         let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        self.upstream.forward(path_and_query, &headers, route).await
+        let answer = self
+            .upstream
+            .forward(&self.runtime, &self.fleet, &chain, path_and_query, &route)
+            .await?;
+        let filtered = endpoint != Endpoint::Embeddings && answer.parts.status.is_success();
+        match chain.response_holdback() {
+            Some(holdback) if filtered => {
+                let filter = Filter {
+                    runtime: self.runtime.clone(),
+                    fleet: self.fleet.clone(),
+                    chain,
+                    route,
+                    holdback,
+                };
+                if answer.is_event_stream() {
+                    Ok(filter.stream(answer))
+                } else {
+                    filter.whole(answer).await
+                }
+            }
+            _ => {
+                let sse = answer.is_event_stream();
+                let Answer {
+                    parts,
+                    first,
+                    incoming,
+                    slot,
+                    ..
+                } = answer;
+                Ok(Response::from_parts(
+                    parts,
+                    Body::backend(first, incoming, slot, sse),
+                ))
+            }
+        }
     }
 }
 

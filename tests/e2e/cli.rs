@@ -62,10 +62,10 @@ fn a_file_that_is_not_wasm_is_refused() {
     );
 }
 
-/// The pin-backend guest panics without its `default` setting: the trial
-/// request at load catches it and reports the guest's own message.
+/// The pin-backend guest refuses to start without its `default` setting:
+/// its `init` error is reported with the guest's own message.
 #[test]
-fn a_policy_that_traps_on_its_trial_is_refused() {
+fn a_policy_whose_init_refuses_its_config_is_refused() {
     let config = format!(
         "{GOOD}[[policies]]\nname = \"pin\"\nmodule = {:?}\n",
         test_guest("pin-backend")
@@ -73,7 +73,36 @@ fn a_policy_that_traps_on_its_trial_is_refused() {
     let (ok, err) = stderr_of(&["check-config"], &config);
     assert!(!ok);
     assert!(
-        err.contains("trial request") && err.contains("config needs `default`"),
+        err.contains("policy `pin`") && err.contains("init refused: config needs `default`"),
+        "{err}"
+    );
+}
+
+/// A guest that traps on the trial request is refused with its panic
+/// message, before it can serve a request.
+#[test]
+fn a_policy_that_traps_on_its_trial_is_refused() {
+    let config = format!(
+        "{GOOD}[[policies]]\nname = \"bad\"\nmodule = {:?}\nconfig = {{ always = \"trap\" }}\n",
+        test_guest("misbehave")
+    );
+    let (ok, err) = stderr_of(&["check-config"], &config);
+    assert!(!ok);
+    assert!(
+        err.contains("policy `bad`")
+            && err.contains("trial request")
+            && err.contains("misbehave: deliberate trap"),
+        "{err}"
+    );
+
+    let config = format!(
+        "{GOOD}[[policies]]\nname = \"bad\"\nmodule = {:?}\nconfig = {{ fail_init = true }}\n",
+        test_guest("misbehave")
+    );
+    let (ok, err) = stderr_of(&["check-config"], &config);
+    assert!(!ok);
+    assert!(
+        err.contains("policy `bad`") && err.contains("misbehave: init refused"),
         "{err}"
     );
 }

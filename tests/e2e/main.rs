@@ -5,5 +5,6 @@ mod common;
 
 mod cli;
 mod errors;
+mod guard;
 mod routing;
 mod streaming;

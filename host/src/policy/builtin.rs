@@ -1,10 +1,20 @@
 //! The bundled policies, compiled from `policies/` by the build script and
 //! embedded so `module = "builtin:NAME"` works with no files around.
 
-const BUILTINS: &[(&str, &[u8])] = &[(
-    "model-router",
-    include_bytes!(concat!(env!("OUT_DIR"), "/model_router.wasm")),
-)];
+const BUILTINS: &[(&str, &[u8])] = &[
+    (
+        "model-router",
+        include_bytes!(concat!(env!("OUT_DIR"), "/model_router.wasm")),
+    ),
+    (
+        "sensitive-words",
+        include_bytes!(concat!(env!("OUT_DIR"), "/sensitive_words.wasm")),
+    ),
+    (
+        "fallback",
+        include_bytes!(concat!(env!("OUT_DIR"), "/fallback.wasm")),
+    ),
+];
 
 /// The component bytes of a bundled policy.
 pub fn find(name: &str) -> Option<&'static [u8]> {

@@ -1,18 +1,26 @@
 //! The policy chain: loads the configured policies, proves each on a trial
-//! request, and runs them in order for every request until one routes or
-//! rejects it.
+//! request, and runs the phases of a request through them — the request
+//! phase until one routes or rejects, failure hooks in order until one
+//! decides, response filters one after the other.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::Context;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
-use super::guest::{types, GuestState, PolicyPre};
+use super::contract::{
+    AttemptFailure, Decision, FailureDecision, Hooks, RejectSpec, RequestInfo, TargetSpec,
+    TextDecision,
+};
+use super::guest::CallContext;
+use super::runtime::Pre;
 use super::{builtin, FailureKind, PolicyError, Runtime};
 use crate::backends::{Backend, Fleet};
 use crate::config::{OnError, PolicyConfig};
 use crate::errors::GatewayError;
+use crate::metrics::metrics;
 use crate::openai::{Endpoint, RequestHead};
 
 /// Bounds on what a decision may contain.
@@ -20,15 +28,20 @@ const MAX_TARGETS: usize = 64;
 const MAX_MODEL_LEN: usize = 256;
 const MAX_MESSAGE_LEN: usize = 4096;
 const MAX_CODE_LEN: usize = 64;
+/// Replacement text may grow a chunk, but not without bound.
+const MAX_REPLACEMENT_GROWTH: usize = 64 * 1024;
 
-/// A compiled policy, ready to instantiate per request.
+/// A compiled policy, ready to instantiate per call.
 pub struct LoadedPolicy {
     pub name: Arc<str>,
     /// Where it came from: `builtin:NAME` or a file path.
     pub source: String,
     pub on_error: OnError,
+    /// The contract version it was built against.
+    pub contract: &'static str,
+    pub hooks: Hooks,
     config_json: Arc<str>,
-    pre: PolicyPre<GuestState>,
+    pre: Pre,
 }
 
 /// The request as the chain sees it; policies' edits update it in place.
@@ -42,11 +55,27 @@ pub struct PolicyRequest {
     pub body: Bytes,
 }
 
-/// Where the chain decided to send a request.
+impl PolicyRequest {
+    fn info(&self) -> RequestInfo {
+        RequestInfo {
+            id: self.id,
+            endpoint: self.endpoint,
+            path: self.path.clone(),
+            model: self.head.model.clone(),
+            stream: self.head.stream,
+            consumer: self.consumer.clone(),
+            body_size: self.body.len() as u64,
+        }
+    }
+}
+
+/// Where the chain decided to send a request, and the request as the
+/// later phases (failure, response) see it.
 pub struct Route {
     pub targets: Vec<Target>,
-    /// The request after every edit. `head.model` is the model in `body`.
-    pub head: RequestHead,
+    /// The request after every edit; `info.model` is the model in `body`.
+    pub info: RequestInfo,
+    pub headers: Arc<HeaderMap>,
     pub body: Bytes,
 }
 
@@ -56,10 +85,25 @@ pub struct Target {
     pub model: String,
 }
 
+impl Target {
+    pub fn spec(&self) -> TargetSpec {
+        TargetSpec {
+            backend: self.backend.name.to_string(),
+            model: Some(self.model.clone()),
+        }
+    }
+}
+
+/// What the response filters made of a piece of text.
+pub enum Filtered {
+    Text(String),
+    Stop(GatewayError),
+}
+
 enum Verdict {
     /// Hand on, with the edited head and body when the policy changed them.
     Pass(Option<(RequestHead, Bytes)>),
-    Route(Route),
+    Route(Vec<Target>),
     Reject(GatewayError),
 }
 
@@ -68,8 +112,9 @@ pub struct Chain {
 }
 
 impl Chain {
-    /// Compiles every policy and runs each once on a trial request against
-    /// the real fleet; a policy that traps there is refused with its message.
+    /// Compiles and initialises every policy and runs each once on a trial
+    /// request against the real fleet; a policy that fails there is refused
+    /// with its message.
     pub async fn load(
         runtime: &Runtime,
         fleet: &Arc<Fleet>,
@@ -77,14 +122,11 @@ impl Chain {
     ) -> anyhow::Result<Chain> {
         let mut policies = Vec::with_capacity(configs.len());
         for config in configs {
-            let policy = load_one(runtime, config)
-                .with_context(|| format!("policy `{}` ({})", config.name, config.module))?;
-            trial(runtime, fleet, &policy).await.with_context(|| {
-                format!(
-                    "policy `{}` ({}) failed its trial request",
-                    config.name, config.module
-                )
-            })?;
+            let what = || format!("policy `{}` ({})", config.name, config.module);
+            let policy = load_one(runtime, fleet, config).await.with_context(what)?;
+            trial(runtime, fleet, &policy)
+                .await
+                .with_context(|| format!("{} failed its trial request", what()))?;
             policies.push(policy);
         }
         Ok(Chain { policies })
@@ -92,6 +134,20 @@ impl Chain {
 
     pub fn policies(&self) -> &[LoadedPolicy] {
         &self.policies
+    }
+
+    /// Characters of streamed text the response filters need held back, or
+    /// `None` when no policy filters responses (they then stream untouched).
+    pub fn response_holdback(&self) -> Option<usize> {
+        self.policies
+            .iter()
+            .filter_map(|p| p.hooks.response_holdback)
+            .max()
+            .map(|h| h as usize)
+    }
+
+    pub fn handles_failures(&self) -> bool {
+        self.policies.iter().any(|p| p.hooks.failure)
     }
 
     /// Runs the request phase: each policy in order until one routes or
@@ -104,29 +160,168 @@ impl Chain {
         mut request: PolicyRequest,
     ) -> Result<Route, GatewayError> {
         for policy in &self.policies {
-            match run_one(runtime, fleet, policy, &request).await {
+            match run_request_phase(runtime, fleet, policy, &request).await {
                 Ok(Verdict::Pass(None)) => {}
                 Ok(Verdict::Pass(Some((head, body)))) => {
                     request.head = head;
                     request.body = body;
                 }
-                Ok(Verdict::Route(route)) => return Ok(route),
-                Ok(Verdict::Reject(rejection)) => return Err(rejection),
-                Err(error) => {
-                    tracing::warn!(policy = %error.policy, kind = ?error.kind, detail = %error.detail, on_error = ?policy.on_error, "policy failed");
-                    if policy.on_error == OnError::FailClosed {
-                        return Err(error.into());
-                    }
+                Ok(Verdict::Route(targets)) => {
+                    return Ok(Route {
+                        targets,
+                        info: request.info(),
+                        headers: request.headers,
+                        body: request.body,
+                    })
                 }
+                Ok(Verdict::Reject(rejection)) => return Err(rejection),
+                Err(error) => skip_or_fail(policy, error)?,
             }
         }
         Err(GatewayError::NoRoute {
             model: request.head.model,
         })
     }
+
+    /// Asks the failure hooks, in order, what to do after a failed attempt;
+    /// the first that does not answer `next` decides.
+    pub async fn on_failure(
+        &self,
+        runtime: &Runtime,
+        fleet: &Arc<Fleet>,
+        route: &Route,
+        failure: &AttemptFailure,
+    ) -> Result<FailureDecision, GatewayError> {
+        for policy in self.policies.iter().filter(|p| p.hooks.failure) {
+            let state = runtime.state(context(fleet, policy, &route.headers, &route.body));
+            let started = Instant::now();
+            let decision = runtime
+                .on_failure(&policy.pre, state, &route.info, failure)
+                .await;
+            metrics().policy_call(&policy.name, "failure", started.elapsed());
+            match decision {
+                Ok(FailureDecision::Next) => {}
+                Ok(decision) => return Ok(decision),
+                Err(error) => skip_or_fail(policy, error)?,
+            }
+        }
+        Ok(FailureDecision::Next)
+    }
+
+    /// Checks a failure hook's retry targets like a route's.
+    pub fn resolve(
+        &self,
+        fleet: &Fleet,
+        model: &str,
+        targets: Vec<TargetSpec>,
+    ) -> Result<Vec<Target>, GatewayError> {
+        resolve_targets(fleet, model, targets).map_err(|detail| {
+            GatewayError::Policy(PolicyError {
+                policy: "failure hook".into(),
+                kind: FailureKind::InvalidDecision,
+                detail,
+            })
+        })
+    }
+
+    /// Runs `text` through every response filter in order: each sees what
+    /// the one before released.
+    pub async fn filter_text(
+        &self,
+        runtime: &Runtime,
+        fleet: &Arc<Fleet>,
+        route: &Route,
+        choice: u32,
+        mut text: String,
+        last: bool,
+    ) -> Filtered {
+        for policy in self
+            .policies
+            .iter()
+            .filter(|p| p.hooks.response_holdback.is_some())
+        {
+            let state = runtime.state(context(fleet, policy, &route.headers, &route.body));
+            let started = Instant::now();
+            let decision = runtime
+                .on_response_text(&policy.pre, state, &route.info, choice, &text, last)
+                .await;
+            metrics().policy_call(&policy.name, "response", started.elapsed());
+            match decision {
+                Ok(TextDecision::Pass) => {}
+                Ok(TextDecision::Replace(replacement))
+                    if replacement.len() <= text.len() + MAX_REPLACEMENT_GROWTH =>
+                {
+                    text = replacement
+                }
+                Ok(TextDecision::Replace(replacement)) => {
+                    let error = invalid(
+                        policy,
+                        format!(
+                            "replacement of {} bytes for {} bytes of text",
+                            replacement.len(),
+                            text.len()
+                        ),
+                    );
+                    if let Err(e) = skip_or_fail(policy, error) {
+                        return Filtered::Stop(e);
+                    }
+                }
+                Ok(TextDecision::Stop(spec)) => {
+                    return Filtered::Stop(
+                        rejection(spec)
+                            .unwrap_or_else(|detail| GatewayError::Policy(invalid(policy, detail))),
+                    );
+                }
+                Err(error) => {
+                    if let Err(e) = skip_or_fail(policy, error) {
+                        return Filtered::Stop(e);
+                    }
+                }
+            }
+        }
+        Filtered::Text(text)
+    }
 }
 
-fn load_one(runtime: &Runtime, config: &PolicyConfig) -> anyhow::Result<LoadedPolicy> {
+/// Logs a policy failure; `Ok` when the policy is fail-open and can be
+/// skipped, the error to answer with when it is fail-closed.
+fn skip_or_fail(policy: &LoadedPolicy, error: PolicyError) -> Result<(), GatewayError> {
+    crate::metrics::metrics().policy_failure(&policy.name, error.kind);
+    tracing::warn!(policy = %error.policy, kind = ?error.kind, detail = %error.detail, on_error = ?policy.on_error, "policy failed");
+    match policy.on_error {
+        OnError::FailClosed => Err(error.into()),
+        OnError::FailOpen => Ok(()),
+    }
+}
+
+fn invalid(policy: &LoadedPolicy, detail: String) -> PolicyError {
+    PolicyError {
+        policy: policy.name.clone(),
+        kind: FailureKind::InvalidDecision,
+        detail,
+    }
+}
+
+fn context(
+    fleet: &Arc<Fleet>,
+    policy: &LoadedPolicy,
+    headers: &Arc<HeaderMap>,
+    body: &Bytes,
+) -> CallContext {
+    CallContext {
+        fleet: fleet.clone(),
+        headers: headers.clone(),
+        body: body.clone(),
+        policy_name: policy.name.clone(),
+        config_json: policy.config_json.clone(),
+    }
+}
+
+async fn load_one(
+    runtime: &Runtime,
+    fleet: &Arc<Fleet>,
+    config: &PolicyConfig,
+) -> anyhow::Result<LoadedPolicy> {
     let bytes: std::borrow::Cow<[u8]> = match config.module.strip_prefix("builtin:") {
         Some(name) => builtin::find(name)
             .with_context(|| format!("no bundled policy `{name}`"))?
@@ -135,12 +330,28 @@ fn load_one(runtime: &Runtime, config: &PolicyConfig) -> anyhow::Result<LoadedPo
             .with_context(|| format!("reading {}", config.module))?
             .into(),
     };
+    let name: Arc<str> = config.name.as_str().into();
+    let config_json: Arc<str> = serde_json::to_string(&config.config)?.into();
+    let prepared = runtime
+        .prepare(
+            &bytes,
+            CallContext {
+                fleet: fleet.clone(),
+                headers: Arc::new(HeaderMap::new()),
+                body: Bytes::new(),
+                policy_name: name.clone(),
+                config_json: config_json.clone(),
+            },
+        )
+        .await?;
     Ok(LoadedPolicy {
-        name: config.name.as_str().into(),
+        name,
         source: config.module.clone(),
         on_error: config.on_error,
-        config_json: serde_json::to_string(&config.config)?.into(),
-        pre: runtime.prepare(&bytes)?,
+        contract: prepared.contract,
+        hooks: prepared.hooks,
+        config_json,
+        pre: prepared.pre,
     })
 }
 
@@ -167,67 +378,42 @@ async fn trial(runtime: &Runtime, fleet: &Arc<Fleet>, policy: &LoadedPolicy) -> 
         headers: Arc::new(HeaderMap::new()),
         body: serde_json::to_vec(&body)?.into(),
     };
-    match run_one(runtime, fleet, policy, &request).await {
+    match run_request_phase(runtime, fleet, policy, &request).await {
         Ok(_) => Ok(()),
         Err(e) => Err(anyhow::anyhow!("{}: {}", e.kind, e.detail)),
     }
 }
 
-/// Calls one policy on the request as it stands.
-async fn run_one(
+/// Calls one policy's request hook on the request as it stands.
+async fn run_request_phase(
     runtime: &Runtime,
     fleet: &Arc<Fleet>,
     policy: &LoadedPolicy,
     request: &PolicyRequest,
 ) -> Result<Verdict, PolicyError> {
-    let wit_request = types::Request {
-        id: request.id,
-        endpoint: match request.endpoint {
-            Endpoint::ChatCompletions => types::Endpoint::ChatCompletions,
-            Endpoint::Completions => types::Endpoint::Completions,
-            Endpoint::Embeddings => types::Endpoint::Embeddings,
-        },
-        path: request.path.clone(),
-        model: request.head.model.clone(),
-        stream: request.head.stream,
-        consumer: request.consumer.clone(),
-        body_size: request.body.len() as u64,
-    };
-    let state = GuestState::new(
-        runtime.memory_limit,
-        fleet.clone(),
-        request.headers.clone(),
-        request.body.clone(),
-        runtime.max_body_bytes,
-        policy.name.clone(),
-        policy.config_json.clone(),
-    );
-    let decision = runtime.on_request(&policy.pre, state, &wit_request).await?;
-    let invalid = |detail: String| PolicyError {
-        policy: policy.name.clone(),
-        kind: FailureKind::InvalidDecision,
-        detail,
-    };
+    let state = runtime.state(context(fleet, policy, &request.headers, &request.body));
+    let started = Instant::now();
+    let decision = runtime
+        .on_request(&policy.pre, state, &request.info())
+        .await;
+    metrics().policy_call(&policy.name, "request", started.elapsed());
+    let decision = decision?;
+    let invalid = |detail: String| invalid(policy, detail);
     match decision {
-        types::Decision::Route(targets) => {
-            let targets = resolve_targets(fleet, &request.head, targets).map_err(invalid)?;
-            Ok(Verdict::Route(Route {
-                targets,
-                head: request.head.clone(),
-                body: request.body.clone(),
-            }))
-        }
-        types::Decision::Reject(r) => Ok(Verdict::Reject(rejection(r).map_err(invalid)?)),
-        types::Decision::Pass(edits) => {
-            Ok(Verdict::Pass(apply_edits(request, edits).map_err(invalid)?))
-        }
+        Decision::Route(targets) => Ok(Verdict::Route(
+            resolve_targets(fleet, &request.head.model, targets).map_err(invalid)?,
+        )),
+        Decision::Reject(spec) => Ok(Verdict::Reject(rejection(spec).map_err(invalid)?)),
+        Decision::Pass { model, body } => Ok(Verdict::Pass(
+            apply_edits(request, model, body).map_err(invalid)?,
+        )),
     }
 }
 
 fn resolve_targets(
     fleet: &Fleet,
-    head: &RequestHead,
-    targets: Vec<types::Target>,
+    model: &str,
+    targets: Vec<TargetSpec>,
 ) -> Result<Vec<Target>, String> {
     if targets.is_empty() {
         return Err("route with no targets".into());
@@ -246,7 +432,7 @@ fn resolve_targets(
                 .ok_or_else(|| format!("route to unknown backend `{}`", truncated(&t.backend)))?;
             let model = match t.model {
                 Some(m) => check_model(m)?,
-                None => head.model.clone(),
+                None => model.to_string(),
             };
             Ok(Target {
                 backend: backend.clone(),
@@ -256,7 +442,7 @@ fn resolve_targets(
         .collect()
 }
 
-fn rejection(r: types::Rejection) -> Result<GatewayError, String> {
+fn rejection(r: RejectSpec) -> Result<GatewayError, String> {
     let status = StatusCode::from_u16(r.status)
         .ok()
         .filter(|s| s.is_client_error() || s.is_server_error())
@@ -287,27 +473,28 @@ fn rejection(r: types::Rejection) -> Result<GatewayError, String> {
     })
 }
 
-/// The request's new head and body after `edits`, or `None` when the edits
-/// change nothing.
+/// The request's new head and body after a policy's edits, or `None` when
+/// they change nothing.
 fn apply_edits(
     request: &PolicyRequest,
-    edits: types::Edits,
+    model: Option<String>,
+    body: Option<String>,
 ) -> Result<Option<(RequestHead, Bytes)>, String> {
-    if edits.model.is_none() && edits.body.is_none() {
+    if model.is_none() && body.is_none() {
         return Ok(None);
     }
-    let (mut head, mut body) = (request.head.clone(), request.body.clone());
-    if let Some(new_body) = edits.body {
-        head = RequestHead::parse(new_body.as_bytes()).map_err(|e| format!("edited body: {e}"))?;
-        body = Bytes::from(new_body);
+    let (mut head, mut new_body) = (request.head.clone(), request.body.clone());
+    if let Some(edited) = body {
+        head = RequestHead::parse(edited.as_bytes()).map_err(|e| format!("edited body: {e}"))?;
+        new_body = Bytes::from(edited);
     }
-    if let Some(model) = edits.model {
+    if let Some(model) = model {
         let model = check_model(model)?;
-        body =
-            crate::openai::with_model(&body, &model).map_err(|e| format!("edited model: {e}"))?;
+        new_body = crate::openai::with_model(&new_body, &model)
+            .map_err(|e| format!("edited model: {e}"))?;
         head.model = model;
     }
-    Ok(Some((head, body)))
+    Ok(Some((head, new_body)))
 }
 
 fn check_model(model: String) -> Result<String, String> {

@@ -1,5 +1,7 @@
-//! The generated bindings of the policy world and the host side of its
-//! imports: what a guest can read of the request and the fleet, bounded.
+//! The generated bindings of every contract version the host serves, the
+//! host side of their imports (what a guest can read of the request and the
+//! fleet, bounded), and the conversions to the version-independent
+//! [`contract`](super::contract) types.
 
 use std::sync::Arc;
 
@@ -10,15 +12,30 @@ use wasmtime::ResourceLimiter;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::backends::{Backend, Fleet};
+use super::contract::{
+    AttemptFailure, AttemptFailureKind, Decision, FailureDecision, Hooks, RejectSpec, RequestInfo,
+    TargetSpec, TextDecision,
+};
+use crate::backends::Fleet;
+use crate::openai::Endpoint;
 
-wasmtime::component::bindgen!({
-    path: "../wit",
-    world: "policy",
-    exports: { default: async },
-});
+/// `sluice:policy@0.2.0`: the current contract (`wit/policy.wit`).
+pub mod v2 {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "policy",
+        exports: { default: async },
+    });
+}
 
-pub use self::sluice::policy::types;
+/// `sluice:policy@0.1.0`: frozen; components built against it keep working.
+pub mod v1 {
+    wasmtime::component::bindgen!({
+        path: "../wit/archive/0.1.0",
+        world: "policy",
+        exports: { default: async },
+    });
+}
 
 /// Headers a guest never sees: they carry the client's credentials.
 const HIDDEN_HEADERS: [&str; 5] = [
@@ -32,7 +49,7 @@ const HIDDEN_HEADERS: [&str; 5] = [
 /// How much of a guest's stderr is kept to explain a trap (panic messages).
 pub const STDERR_CAPACITY: usize = 4096;
 
-/// The per-request state of one guest instance.
+/// The per-call state of one guest instance.
 pub struct GuestState {
     wasi: WasiCtx,
     table: ResourceTable,
@@ -48,17 +65,17 @@ pub struct GuestState {
     pub config_json: Arc<str>,
 }
 
+/// What a call's state is made from, besides the runtime's limits.
+pub struct CallContext {
+    pub fleet: Arc<Fleet>,
+    pub headers: Arc<HeaderMap>,
+    pub body: Bytes,
+    pub policy_name: Arc<str>,
+    pub config_json: Arc<str>,
+}
+
 impl GuestState {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        memory_limit: usize,
-        fleet: Arc<Fleet>,
-        headers: Arc<HeaderMap>,
-        body: Bytes,
-        max_body_bytes: usize,
-        policy_name: Arc<str>,
-        config_json: Arc<str>,
-    ) -> GuestState {
+    pub fn new(context: CallContext, memory_limit: usize, max_body_bytes: usize) -> GuestState {
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
         // Locked down: no preopened files, no environment, no arguments,
         // sockets denied; stderr captured (bounded) to explain panics.
@@ -72,12 +89,51 @@ impl GuestState {
             },
             timed_out: false,
             stderr,
-            fleet,
-            headers,
-            body,
+            fleet: context.fleet,
+            headers: context.headers,
+            body: context.body,
             max_body_bytes,
-            policy_name,
-            config_json,
+            policy_name: context.policy_name,
+            config_json: context.config_json,
+        }
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        let name = name.to_ascii_lowercase();
+        if HIDDEN_HEADERS.contains(&name.as_str()) {
+            return None;
+        }
+        let value = self.headers.get(name.as_str())?;
+        Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
+    }
+
+    fn visible_headers(&self) -> Vec<(String, String)> {
+        self.headers
+            .iter()
+            .filter(|(name, _)| !HIDDEN_HEADERS.contains(&name.as_str()))
+            .map(|(name, value)| {
+                let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                (name.as_str().to_string(), value)
+            })
+            .collect()
+    }
+
+    fn visible_body(&self) -> Option<String> {
+        if self.body.len() > self.max_body_bytes {
+            return None;
+        }
+        // The host already checked the body is JSON, hence UTF-8.
+        Some(String::from_utf8_lossy(&self.body).into_owned())
+    }
+
+    fn log(&self, level: tracing::Level, message: &str) {
+        let policy = &*self.policy_name;
+        let message: String = message.chars().take(1024).collect();
+        match level {
+            tracing::Level::DEBUG | tracing::Level::TRACE => tracing::debug!(policy, "{message}"),
+            tracing::Level::INFO => tracing::info!(policy, "{message}"),
+            tracing::Level::WARN => tracing::warn!(policy, "{message}"),
+            tracing::Level::ERROR => tracing::error!(policy, "{message}"),
         }
     }
 }
@@ -122,74 +178,191 @@ impl ResourceLimiter for MemoryCap {
     }
 }
 
-fn view(b: &Backend) -> types::Backend {
-    types::Backend {
-        name: b.name.to_string(),
-        models: b.models.clone(),
-        healthy: b.is_healthy(),
-        in_flight: b.in_flight(),
-        max_concurrent: b.max_concurrent,
-        weight: b.weight,
-        latency_us: b.latency_us(),
+/// The imports and the shared conversions, identical in every version.
+macro_rules! versioned {
+    ($v:ident) => {
+        impl $v::sluice::policy::types::Host for GuestState {}
+
+        impl $v::sluice::policy::request_data::Host for GuestState {
+            fn header(&mut self, name: String) -> Option<String> {
+                GuestState::header(self, &name)
+            }
+
+            fn headers(&mut self) -> Vec<(String, String)> {
+                self.visible_headers()
+            }
+
+            fn body(&mut self) -> Option<String> {
+                self.visible_body()
+            }
+        }
+
+        impl $v::sluice::policy::fleet::Host for GuestState {
+            fn backends_for_model(
+                &mut self,
+                model: String,
+            ) -> Vec<$v::sluice::policy::types::Backend> {
+                self.fleet
+                    .serving(&model)
+                    .iter()
+                    .map(|b| b.as_ref().into())
+                    .collect()
+            }
+
+            fn backends(&mut self) -> Vec<$v::sluice::policy::types::Backend> {
+                self.fleet
+                    .backends()
+                    .iter()
+                    .map(|b| b.as_ref().into())
+                    .collect()
+            }
+        }
+
+        impl $v::sluice::policy::host::Host for GuestState {
+            fn log(&mut self, level: $v::sluice::policy::host::Level, message: String) {
+                use $v::sluice::policy::host::Level;
+                let level = match level {
+                    Level::Debug => tracing::Level::DEBUG,
+                    Level::Info => tracing::Level::INFO,
+                    Level::Warn => tracing::Level::WARN,
+                    Level::Error => tracing::Level::ERROR,
+                };
+                GuestState::log(self, level, &message);
+            }
+
+            fn config(&mut self) -> String {
+                self.config_json.to_string()
+            }
+        }
+
+        impl From<&crate::backends::Backend> for $v::sluice::policy::types::Backend {
+            fn from(b: &crate::backends::Backend) -> Self {
+                $v::sluice::policy::types::Backend {
+                    name: b.name.to_string(),
+                    models: b.models.clone(),
+                    healthy: b.is_healthy(),
+                    in_flight: b.in_flight(),
+                    max_concurrent: b.max_concurrent,
+                    weight: b.weight,
+                    latency_us: b.latency_us(),
+                }
+            }
+        }
+
+        impl From<&RequestInfo> for $v::sluice::policy::types::Request {
+            fn from(r: &RequestInfo) -> Self {
+                use $v::sluice::policy::types::Endpoint as E;
+                $v::sluice::policy::types::Request {
+                    id: r.id,
+                    endpoint: match r.endpoint {
+                        Endpoint::ChatCompletions => E::ChatCompletions,
+                        Endpoint::Completions => E::Completions,
+                        Endpoint::Embeddings => E::Embeddings,
+                    },
+                    path: r.path.clone(),
+                    model: r.model.clone(),
+                    stream: r.stream,
+                    consumer: r.consumer.clone(),
+                    body_size: r.body_size,
+                }
+            }
+        }
+
+        impl From<$v::sluice::policy::types::Target> for TargetSpec {
+            fn from(t: $v::sluice::policy::types::Target) -> Self {
+                TargetSpec {
+                    backend: t.backend,
+                    model: t.model,
+                }
+            }
+        }
+
+        impl From<$v::sluice::policy::types::Rejection> for RejectSpec {
+            fn from(r: $v::sluice::policy::types::Rejection) -> Self {
+                RejectSpec {
+                    status: r.status,
+                    message: r.message,
+                    code: r.code,
+                }
+            }
+        }
+
+        impl From<$v::sluice::policy::types::Decision> for Decision {
+            fn from(d: $v::sluice::policy::types::Decision) -> Self {
+                use $v::sluice::policy::types::Decision as D;
+                match d {
+                    D::Pass(edits) => Decision::Pass {
+                        model: edits.model,
+                        body: edits.body,
+                    },
+                    D::Route(targets) => {
+                        Decision::Route(targets.into_iter().map(Into::into).collect())
+                    }
+                    D::Reject(r) => Decision::Reject(r.into()),
+                }
+            }
+        }
+    };
+}
+
+versioned!(v1);
+versioned!(v2);
+
+impl From<v2::sluice::policy::types::Hooks> for Hooks {
+    fn from(h: v2::sluice::policy::types::Hooks) -> Self {
+        Hooks {
+            response_holdback: h.response_holdback,
+            failure: h.failure,
+        }
     }
 }
 
-impl types::Host for GuestState {}
-
-impl sluice::policy::request_data::Host for GuestState {
-    fn header(&mut self, name: String) -> Option<String> {
-        let name = name.to_ascii_lowercase();
-        if HIDDEN_HEADERS.contains(&name.as_str()) {
-            return None;
+impl From<v2::sluice::policy::types::TextDecision> for TextDecision {
+    fn from(d: v2::sluice::policy::types::TextDecision) -> Self {
+        use v2::sluice::policy::types::TextDecision as D;
+        match d {
+            D::Pass => TextDecision::Pass,
+            D::Replace(text) => TextDecision::Replace(text),
+            D::Stop(r) => TextDecision::Stop(r.into()),
         }
-        let value = self.headers.get(name.as_str())?;
-        Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
-    }
-
-    fn headers(&mut self) -> Vec<(String, String)> {
-        self.headers
-            .iter()
-            .filter(|(name, _)| !HIDDEN_HEADERS.contains(&name.as_str()))
-            .map(|(name, value)| {
-                let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
-                (name.as_str().to_string(), value)
-            })
-            .collect()
-    }
-
-    fn body(&mut self) -> Option<String> {
-        if self.body.len() > self.max_body_bytes {
-            return None;
-        }
-        // The host already checked the body is JSON, hence UTF-8.
-        Some(String::from_utf8_lossy(&self.body).into_owned())
     }
 }
 
-impl sluice::policy::fleet::Host for GuestState {
-    fn backends_for_model(&mut self, model: String) -> Vec<types::Backend> {
-        self.fleet.serving(&model).iter().map(|b| view(b)).collect()
-    }
-
-    fn backends(&mut self) -> Vec<types::Backend> {
-        self.fleet.backends().iter().map(|b| view(b)).collect()
+impl From<v2::sluice::policy::types::FailureDecision> for FailureDecision {
+    fn from(d: v2::sluice::policy::types::FailureDecision) -> Self {
+        use v2::sluice::policy::types::FailureDecision as D;
+        match d {
+            D::Next => FailureDecision::Next,
+            D::Retry(targets) => {
+                FailureDecision::Retry(targets.into_iter().map(Into::into).collect())
+            }
+            D::GiveUp => FailureDecision::GiveUp,
+        }
     }
 }
 
-impl sluice::policy::host::Host for GuestState {
-    fn log(&mut self, level: sluice::policy::host::Level, message: String) {
-        use self::sluice::policy::host::Level;
-        let policy = &*self.policy_name;
-        let message: String = message.chars().take(1024).collect();
-        match level {
-            Level::Debug => tracing::debug!(policy, "{message}"),
-            Level::Info => tracing::info!(policy, "{message}"),
-            Level::Warn => tracing::warn!(policy, "{message}"),
-            Level::Error => tracing::error!(policy, "{message}"),
+impl From<&AttemptFailure> for v2::sluice::policy::types::Failure {
+    fn from(f: &AttemptFailure) -> Self {
+        use v2::sluice::policy::types::{FailureKind as K, Target};
+        v2::sluice::policy::types::Failure {
+            backend: f.backend.clone(),
+            model: f.model.clone(),
+            kind: match f.kind {
+                AttemptFailureKind::Connect => K::Connect,
+                AttemptFailureKind::Timeout => K::Timeout,
+                AttemptFailureKind::Broken => K::Broken,
+                AttemptFailureKind::Status => K::Status,
+            },
+            status: f.status,
+            attempt: f.attempt,
+            remaining: f
+                .remaining
+                .iter()
+                .map(|t| Target {
+                    backend: t.backend.clone(),
+                    model: t.model.clone(),
+                })
+                .collect(),
         }
-    }
-
-    fn config(&mut self) -> String {
-        self.config_json.to_string()
     }
 }

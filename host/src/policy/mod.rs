@@ -3,13 +3,15 @@
 
 pub mod builtin;
 mod chain;
+pub mod contract;
 mod guest;
 mod runtime;
+mod snapshot;
 
 use std::fmt;
 use std::sync::Arc;
 
-pub use chain::{Chain, PolicyRequest, Route, Target};
+pub use chain::{Chain, Filtered, LoadedPolicy, PolicyRequest, Route, Target};
 pub use runtime::Runtime;
 
 /// How a policy call failed. Callers branch on it: the policy's `on_error`

@@ -12,12 +12,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{
-    Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline,
+    Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store,
+    UpdateDeadline,
 };
 
-use super::guest::{types, GuestState, Policy, PolicyPre};
+use super::contract::{
+    AttemptFailure, Decision, FailureDecision, Hooks, RequestInfo, TextDecision,
+};
+use super::guest::{v1, v2, CallContext, GuestState};
+use super::snapshot::Access;
 use super::{FailureKind, PolicyError};
 use crate::config::PolicyRuntimeConfig;
 
@@ -26,6 +31,43 @@ const TICK: Duration = Duration::from_millis(1);
 
 /// Bytes of each pooled memory and table kept mapped between instances.
 const KEEP_RESIDENT: usize = 2 << 20;
+
+/// A guest call still running after this much time is throttled: it runs
+/// one tick in every `THROTTLE_PERIOD`, so guests that loop until their
+/// timeout cannot crowd out the microsecond calls of everyone else.
+const THROTTLE_AFTER: Duration = Duration::from_millis(2);
+const THROTTLE_PERIOD: Duration = Duration::from_millis(5);
+
+/// Time `lifecycle.init` may take: it runs once, off the request path, and
+/// may build large tables.
+const INIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A policy compiled, linked and (for 0.2 guests) initialised: ready to
+/// instantiate per call.
+pub enum Pre {
+    V1(v1::PolicyPre<GuestState>),
+    V2(v2::PolicyPre<GuestState>),
+}
+
+pub struct Prepared {
+    pub pre: Pre,
+    pub hooks: Hooks,
+    /// The contract version the component was built against.
+    pub contract: &'static str,
+}
+
+/// Runs `$call` (an expression using `$policy` and `$store`) in a fresh
+/// instance from `$pre`, mapping every failure to a [`PolicyError`].
+macro_rules! in_instance {
+    ($runtime:expr, $state:expr, $pre:expr, |$store:ident, $policy:ident| $call:expr) => {{
+        let mut $store = $runtime.store($state, $runtime.timeout);
+        let outcome = match $pre.instantiate_async(&mut $store).await {
+            Ok($policy) => $call.await.map_err(|e| (FailureKind::Trap, e)),
+            Err(e) => Err((FailureKind::Unavailable, e)),
+        };
+        outcome.map_err(|(kind, error)| guest_error(&$store, kind, error))
+    }};
+}
 
 pub struct Runtime {
     engine: Engine,
@@ -66,8 +108,10 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| anyhow::anyhow!("linking WASI: {e:#}"))?;
-        Policy::add_to_linker::<_, wasmtime::component::HasSelf<GuestState>>(&mut linker, |s| s)
-            .map_err(|e| anyhow::anyhow!("linking the policy imports: {e:#}"))?;
+        v2::Policy::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |s| s)
+            .map_err(|e| anyhow::anyhow!("linking the 0.2 policy imports: {e:#}"))?;
+        v1::Policy::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |s| s)
+            .map_err(|e| anyhow::anyhow!("linking the 0.1 policy imports: {e:#}"))?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
         let ticker_engine = engine.clone();
@@ -92,72 +136,197 @@ impl Runtime {
         })
     }
 
-    /// Compiles a component and resolves its imports once, so each request
+    /// A call's state, bounded by this runtime's limits.
+    pub(crate) fn state(&self, context: CallContext) -> GuestState {
+        GuestState::new(context, self.memory_limit, self.max_body_bytes)
+    }
+
+    /// A store for one call: memory capped, and at every epoch tick the
+    /// guest yields to the executor — throttled once it has overrun
+    /// [`THROTTLE_AFTER`] — until `timeout` (wall clock), then traps.
+    fn store(&self, state: GuestState, timeout: Duration) -> Store<GuestState> {
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.memory);
+        let started = Instant::now();
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |mut store| {
+            let elapsed = started.elapsed();
+            if elapsed >= timeout {
+                store.data_mut().timed_out = true;
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            if elapsed < THROTTLE_AFTER {
+                return Ok(UpdateDeadline::Yield(1));
+            }
+            let pause = THROTTLE_PERIOD.saturating_sub(TICK).min(timeout - elapsed);
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::time::sleep(pause)),
+            ))
+        });
+        store
+    }
+
+    /// Compiles a component, resolves its imports once, and — for a 0.2
+    /// guest — runs `lifecycle.init` and snapshots the result, so each call
     /// only instantiates. Fails with a message naming the problem: not a
-    /// component, imports we do not provide, or the policy export missing.
-    pub fn prepare(&self, bytes: &[u8]) -> anyhow::Result<PolicyPre<GuestState>> {
+    /// component, imports the host does not provide, neither contract's
+    /// exports, or `init` refusing or trapping.
+    pub async fn prepare(&self, bytes: &[u8], context: CallContext) -> anyhow::Result<Prepared> {
         let component = Component::new(&self.engine, bytes)
             .map_err(|e| anyhow::anyhow!("not a valid WebAssembly component: {e:#}"))?;
-        let pre = self
+        let linked = self
             .linker
             .instantiate_pre(&component)
             .map_err(|e| anyhow::anyhow!("imports something the host does not provide: {e:#}"))?;
-        PolicyPre::new(pre).map_err(|e| {
-            anyhow::anyhow!("does not export `sluice:policy/request-phase@0.1.0`: {e:#}")
+        let v2_error = match v2::PolicyPre::new(linked.clone()) {
+            Ok(_) => return self.prepare_v2(bytes, context).await,
+            Err(e) => e,
+        };
+        match v1::PolicyPre::new(linked) {
+            Ok(pre) => Ok(Prepared {
+                pre: Pre::V1(pre),
+                hooks: Hooks::default(),
+                contract: "0.1.0",
+            }),
+            Err(_) => anyhow::bail!(
+                "does not export the policy world of sluice:policy@0.2.0 (nor @0.1.0): {v2_error:#}"
+            ),
+        }
+    }
+
+    async fn prepare_v2(&self, bytes: &[u8], context: CallContext) -> anyhow::Result<Prepared> {
+        let wizer = wasmtime_wizer::Wizer::new();
+        let (cx, instrumented) = wizer
+            .instrument_component(bytes)
+            .map_err(|e| anyhow::anyhow!("cannot be pre-initialised: {e:#}"))?;
+        let pre = self.link_v2(&instrumented)?;
+        let mut store = self.store(self.state(context), INIT_TIMEOUT);
+        let instance = pre
+            .instance_pre()
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot be instantiated: {e:#}"))?;
+        let policy =
+            v2::Policy::new(&mut store, &instance).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let hooks = match policy.sluice_policy_lifecycle().call_init(&mut store).await {
+            Ok(Ok(hooks)) => Hooks::from(hooks),
+            Ok(Err(message)) => anyhow::bail!("init refused: {message}"),
+            Err(e) => {
+                let error = guest_error(&store, FailureKind::Trap, e);
+                anyhow::bail!("init failed: {}: {}", error.kind, error.detail)
+            }
+        };
+        let snapshot = wizer
+            .snapshot_component(
+                &cx,
+                &mut Access {
+                    store: &mut store,
+                    instance,
+                },
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("snapshot after init failed: {e:#}"))?;
+        Ok(Prepared {
+            pre: Pre::V2(self.link_v2(&snapshot)?),
+            hooks,
+            contract: "0.2.0",
         })
     }
 
-    /// Runs one `on-request` call in a fresh, bounded instance.
+    fn link_v2(&self, bytes: &[u8]) -> anyhow::Result<v2::PolicyPre<GuestState>> {
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| anyhow::anyhow!("not a valid WebAssembly component: {e:#}"))?;
+        let linked = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| anyhow::anyhow!("imports something the host does not provide: {e:#}"))?;
+        v2::PolicyPre::new(linked).map_err(|e| anyhow::anyhow!("{e:#}"))
+    }
+
+    /// The request phase, in a fresh bounded instance.
     pub(crate) async fn on_request(
         &self,
-        pre: &PolicyPre<GuestState>,
+        pre: &Pre,
         state: GuestState,
-        request: &types::Request,
-    ) -> Result<types::Decision, PolicyError> {
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| &mut s.memory);
-        // Checked at each tick: yield to the executor while within the
-        // timeout, trap past it.
-        let (started, timeout) = (Instant::now(), self.timeout);
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |mut store| {
-            if started.elapsed() < timeout {
-                return Ok(UpdateDeadline::Yield(1));
-            }
-            store.data_mut().timed_out = true;
-            Ok(UpdateDeadline::Interrupt)
-        });
-        let outcome = match pre.instantiate_async(&mut store).await {
-            Ok(policy) => policy
+        request: &RequestInfo,
+    ) -> Result<Decision, PolicyError> {
+        match pre {
+            Pre::V2(pre) => in_instance!(self, state, pre, |store, policy| policy
                 .sluice_policy_request_phase()
-                .call_on_request(&mut store, request)
-                .await
-                .map_err(|e| (FailureKind::Trap, e)),
-            Err(e) => Err((FailureKind::Unavailable, e)),
-        };
-        outcome.map_err(|(kind, error)| {
-            let state = store.data();
-            let kind = if state.memory.hit {
-                FailureKind::MemoryLimit
-            } else if state.timed_out {
-                FailureKind::Timeout
-            } else {
-                kind
-            };
-            let stderr = String::from_utf8_lossy(&state.stderr.contents())
-                .trim()
-                .to_string();
-            let detail = if stderr.is_empty() {
-                format!("{error:#}")
-            } else {
-                format!("{error:#}; guest stderr: {stderr}")
-            };
-            PolicyError {
-                policy: state.policy_name.clone(),
-                kind,
-                detail,
-            }
-        })
+                .call_on_request(&mut store, &request.into()))
+            .map(Decision::from),
+            Pre::V1(pre) => in_instance!(self, state, pre, |store, policy| policy
+                .sluice_policy_request_phase()
+                .call_on_request(&mut store, &request.into()))
+            .map(Decision::from),
+        }
+    }
+
+    /// The response phase (0.2 guests that declared it).
+    pub(crate) async fn on_response_text(
+        &self,
+        pre: &Pre,
+        state: GuestState,
+        request: &RequestInfo,
+        choice: u32,
+        text: &str,
+        last: bool,
+    ) -> Result<TextDecision, PolicyError> {
+        match pre {
+            Pre::V2(pre) => in_instance!(self, state, pre, |store, policy| policy
+                .sluice_policy_response_phase()
+                .call_on_response_text(&mut store, &request.into(), choice, text, last))
+            .map(TextDecision::from),
+            Pre::V1(_) => Ok(TextDecision::Pass),
+        }
+    }
+
+    /// The failure phase (0.2 guests that declared it).
+    pub(crate) async fn on_failure(
+        &self,
+        pre: &Pre,
+        state: GuestState,
+        request: &RequestInfo,
+        failure: &AttemptFailure,
+    ) -> Result<FailureDecision, PolicyError> {
+        match pre {
+            Pre::V2(pre) => in_instance!(self, state, pre, |store, policy| policy
+                .sluice_policy_failure_phase()
+                .call_on_failure(&mut store, &request.into(), &failure.into()))
+            .map(FailureDecision::from),
+            Pre::V1(_) => Ok(FailureDecision::Next),
+        }
+    }
+}
+
+/// Names what went wrong in a guest call: the memory cap, the timeout, or a
+/// trap, with the guest's own stderr (panic messages) for the log.
+fn guest_error(
+    store: &Store<GuestState>,
+    kind: FailureKind,
+    error: wasmtime::Error,
+) -> PolicyError {
+    let state = store.data();
+    let kind = if state.memory.hit {
+        FailureKind::MemoryLimit
+    } else if state.timed_out {
+        FailureKind::Timeout
+    } else {
+        kind
+    };
+    let stderr = String::from_utf8_lossy(&state.stderr.contents())
+        .trim()
+        .to_string();
+    let detail = if stderr.is_empty() {
+        format!("{error:#}")
+    } else {
+        format!("{error:#}; guest stderr: {stderr}")
+    };
+    PolicyError {
+        policy: state.policy_name.clone(),
+        kind,
+        detail,
     }
 }
 

@@ -20,15 +20,19 @@ struct Config {
     aliases: HashMap<String, String>,
 }
 
-struct ModelRouter;
+struct ModelRouter {
+    config: Config,
+}
 
 impl Policy for ModelRouter {
-    fn on_request(request: Request) -> Decision {
-        // A bad configuration panics: the host's trial call at load time
-        // refuses the policy with this message instead of serving with it.
-        let config: Config = sluice_guest::config()
-            .unwrap_or_else(|e| panic!("model-router: invalid configuration: {e}"));
-        let alias = config.aliases.get(&request.model);
+    fn init() -> Result<Self, String> {
+        let config = sluice_guest::config()
+            .map_err(|e| format!("model-router: invalid configuration: {e}"))?;
+        Ok(ModelRouter { config })
+    }
+
+    fn on_request(&self, request: Request) -> Decision {
+        let alias = self.config.aliases.get(&request.model);
         let model = alias.unwrap_or(&request.model);
 
         let serving = fleet::backends_for_model(model);

@@ -16,11 +16,17 @@ struct Body {
     user: Option<String>,
 }
 
-struct PinBackend;
+struct PinBackend {
+    config: Config,
+}
 
 impl Policy for PinBackend {
-    fn on_request(req: Request) -> Decision {
-        let config: Config = sluice_guest::config().expect("config needs `default`");
+    fn init() -> Result<Self, String> {
+        let config = sluice_guest::config().map_err(|e| format!("config needs `default`: {e}"))?;
+        Ok(PinBackend { config })
+    }
+
+    fn on_request(&self, req: Request) -> Decision {
         if request::header("authorization").is_some() {
             return Decision::reject(500, "credential_leak", "the host showed a credential");
         }
@@ -29,7 +35,8 @@ impl Policy for PinBackend {
                 return Decision::reject(418, "teapot", "short and stout");
             }
         }
-        let backend = request::header("x-pin-backend").unwrap_or(config.default);
+        let backend =
+            request::header("x-pin-backend").unwrap_or_else(|| self.config.default.clone());
         if !fleet::backends().iter().any(|b| b.name == backend) {
             log::warn(&format!("no backend named {backend}; routing anyway"));
         }

@@ -1,0 +1,359 @@
+//! Answers through the chain's response hooks. The host does the framing
+//! and the guest sees text: for a stream, each chunk's `delta.content` (or
+//! `text`) plus what was held back, holding back only as many characters as
+//! the policies asked for, so a word split across chunks is still seen whole
+//! and time to first token barely moves.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Response};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::backends::Fleet;
+use crate::body::Body;
+use crate::errors::GatewayError;
+use crate::openai::Endpoint;
+use crate::policy::{Chain, Filtered, Route, Runtime};
+use crate::proxy::Answer;
+use crate::sse;
+
+/// The largest non-streamed answer that is filtered (it must be read whole).
+const MAX_WHOLE_ANSWER: usize = 64 << 20;
+
+/// Everything a filtered answer needs, owned, so a stream's task can outlive
+/// the request handler.
+pub struct Filter {
+    pub runtime: Arc<Runtime>,
+    pub fleet: Arc<Fleet>,
+    pub chain: Arc<Chain>,
+    pub route: Route,
+    pub holdback: usize,
+}
+
+impl Filter {
+    fn chat(&self) -> bool {
+        self.route.info.endpoint == Endpoint::ChatCompletions
+    }
+
+    async fn text(&self, choice: u32, text: String, last: bool) -> Filtered {
+        self.chain
+            .filter_text(&self.runtime, &self.fleet, &self.route, choice, text, last)
+            .await
+    }
+
+    /// Filters a streamed answer in a task that feeds the client's body.
+    pub fn stream(self, answer: Answer) -> Response<Body> {
+        let Answer {
+            mut parts,
+            first,
+            incoming,
+            slot,
+            ..
+        } = answer;
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            // Dropping the backend's body at the end (or on a stop) closes
+            // its connection and frees its slot.
+            let _slot = slot;
+            self.pump(first, incoming, tx).await;
+        });
+        Response::from_parts(parts, Body::Channel(rx))
+    }
+
+    async fn pump(
+        &self,
+        first: Option<Bytes>,
+        mut incoming: hyper::body::Incoming,
+        tx: mpsc::Sender<Bytes>,
+    ) {
+        let mut parser = sse::Parser::default();
+        let mut state = StreamState::default();
+        let mut next = first;
+        loop {
+            let bytes = match next.take() {
+                Some(bytes) => bytes,
+                None => match incoming.frame().await {
+                    None => break,
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => data,
+                        Err(_) => continue,
+                    },
+                    Some(Err(e)) => {
+                        let _ = tx.send(crate::body::stream_error(&e.to_string())).await;
+                        return;
+                    }
+                },
+            };
+            let events = match parser.push(&bytes) {
+                Ok(events) => events,
+                Err(e) => {
+                    let _ = tx.send(crate::body::stream_error(&e.to_string())).await;
+                    return;
+                }
+            };
+            for event in events {
+                let (out, stop) = self.event(&mut state, event).await;
+                for piece in out {
+                    if tx.send(piece).await.is_err() {
+                        return;
+                    }
+                }
+                if stop {
+                    return;
+                }
+            }
+        }
+        let mut out = Vec::new();
+        if let Some(event) = parser.finish() {
+            out.extend(self.event(&mut state, event).await.0);
+        }
+        if !state.done {
+            out.extend(self.flush(&mut state).await.0);
+        }
+        for piece in out {
+            if tx.send(piece).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// What to send for one backend event, and whether the stream ends.
+    async fn event(&self, state: &mut StreamState, event: sse::Event) -> (Vec<Bytes>, bool) {
+        let Some(data) = event.data.as_deref() else {
+            return (vec![event.raw], false);
+        };
+        if data.trim() == "[DONE]" {
+            let (mut out, stopped) = self.flush(state).await;
+            if !stopped {
+                out.push(Bytes::from_static(sse::DONE));
+            }
+            state.done = true;
+            return (out, true);
+        }
+        let Ok(mut chunk) = serde_json::from_str::<Value>(data) else {
+            return (vec![event.raw], false);
+        };
+        let Some(choices) = chunk.get_mut("choices").and_then(Value::as_array_mut) else {
+            return (vec![event.raw], false);
+        };
+        if choices.is_empty() {
+            return (vec![event.raw], false);
+        }
+        let envelope = envelope_of(&chunk);
+        let chat = self.chat();
+        let count = chunk["choices"].as_array().map_or(0, Vec::len);
+        for i in 0..count {
+            let choice = &mut chunk["choices"][i];
+            let index = choice["index"].as_u64().unwrap_or(0) as u32;
+            let finished = !choice["finish_reason"].is_null();
+            let field = text_field(choice, chat);
+            let new_text = field.as_str().unwrap_or("").to_string();
+            if new_text.is_empty() && !finished {
+                continue;
+            }
+            let mut text = state.pending.remove(&index).unwrap_or_default();
+            text.push_str(&new_text);
+            if text.is_empty() {
+                continue;
+            }
+            match self.text(index, text, finished).await {
+                Filtered::Text(filtered) => {
+                    let (release, keep) = if finished {
+                        (filtered, String::new())
+                    } else {
+                        split_tail(filtered, self.holdback)
+                    };
+                    if !keep.is_empty() {
+                        state.pending.insert(index, keep);
+                    }
+                    *text_field(&mut chunk["choices"][i], chat) = Value::String(release);
+                }
+                Filtered::Stop(error) => {
+                    tracing::info!(request = self.route.info.id, %error, "response filter stopped the stream");
+                    return (
+                        vec![
+                            stop_chunk(&envelope, index, chat),
+                            Bytes::from_static(sse::DONE),
+                        ],
+                        true,
+                    );
+                }
+            }
+        }
+        state.envelope = Some(envelope);
+        (vec![sse::event(&chunk.to_string())], false)
+    }
+
+    /// Runs what is still held back through the filters one last time and
+    /// sends it as a chunk of its own.
+    async fn flush(&self, state: &mut StreamState) -> (Vec<Bytes>, bool) {
+        let chat = self.chat();
+        let envelope = state
+            .envelope
+            .clone()
+            .unwrap_or_else(|| serde_json::json!({}));
+        let mut out = Vec::new();
+        for (index, text) in std::mem::take(&mut state.pending) {
+            match self.text(index, text, true).await {
+                Filtered::Text(release) if release.is_empty() => {}
+                Filtered::Text(release) => {
+                    let mut chunk = envelope.clone();
+                    let mut choice = serde_json::json!({"index": index, "finish_reason": null});
+                    *text_field(&mut choice, chat) = Value::String(release);
+                    chunk["choices"] = Value::Array(vec![choice]);
+                    out.push(sse::event(&chunk.to_string()));
+                }
+                Filtered::Stop(_) => {
+                    out.push(stop_chunk(&envelope, index, chat));
+                    out.push(Bytes::from_static(sse::DONE));
+                    return (out, true);
+                }
+            }
+        }
+        (out, false)
+    }
+
+    /// Filters a non-streamed answer: read whole (bounded), each choice's
+    /// text through the filters, re-encoded.
+    pub async fn whole(self, answer: Answer) -> Result<Response<Body>, GatewayError> {
+        let Answer {
+            mut parts,
+            first,
+            incoming,
+            slot,
+            backend,
+            ..
+        } = answer;
+        let mut bytes = first.map(|b| b.to_vec()).unwrap_or_default();
+        let mut limited = http_body_util::Limited::new(incoming, MAX_WHOLE_ANSWER);
+        while let Some(frame) = limited.frame().await {
+            match frame {
+                Ok(frame) => {
+                    if let Ok(data) = frame.into_data() {
+                        bytes.extend_from_slice(&data);
+                    }
+                }
+                Err(e) => {
+                    return Err(GatewayError::BackendUnreachable {
+                        backend: backend.name.to_string(),
+                        detail: format!("the answer broke off: {e}"),
+                    })
+                }
+            }
+        }
+        drop(slot);
+        let Ok(mut answer) = serde_json::from_slice::<Value>(&bytes) else {
+            return Ok(Response::from_parts(parts, Body::full(bytes)));
+        };
+        let chat = self.chat();
+        let count = answer["choices"].as_array().map_or(0, Vec::len);
+        for i in 0..count {
+            let choice = &mut answer["choices"][i];
+            let index = choice["index"].as_u64().unwrap_or(0) as u32;
+            let field = if chat {
+                &mut choice["message"]["content"]
+            } else {
+                &mut choice["text"]
+            };
+            let Some(text) = field.as_str().map(str::to_string) else {
+                continue;
+            };
+            match self.text(index, text, true).await {
+                Filtered::Text(filtered) => {
+                    *text_field_whole(&mut answer["choices"][i], chat) = Value::String(filtered)
+                }
+                Filtered::Stop(error) => return Err(error),
+            }
+        }
+        parts.headers.remove(header::CONTENT_LENGTH);
+        Ok(Response::from_parts(parts, Body::json(&answer)))
+    }
+}
+
+#[derive(Default)]
+struct StreamState {
+    /// Text held back per choice index.
+    pending: BTreeMap<u32, String>,
+    /// The last chunk's fields other than `choices`, to frame chunks the
+    /// host writes itself.
+    envelope: Option<Value>,
+    done: bool,
+}
+
+fn envelope_of(chunk: &Value) -> Value {
+    let mut envelope = chunk.clone();
+    if let Some(object) = envelope.as_object_mut() {
+        object.remove("choices");
+        object.remove("usage");
+    }
+    envelope
+}
+
+/// The field holding a streamed choice's text.
+fn text_field(choice: &mut Value, chat: bool) -> &mut Value {
+    if chat {
+        &mut choice["delta"]["content"]
+    } else {
+        &mut choice["text"]
+    }
+}
+
+fn text_field_whole(choice: &mut Value, chat: bool) -> &mut Value {
+    if chat {
+        &mut choice["message"]["content"]
+    } else {
+        &mut choice["text"]
+    }
+}
+
+/// Splits off the last `keep` characters: (released, held back).
+fn split_tail(text: String, keep: usize) -> (String, String) {
+    let chars = text.chars().count();
+    if chars <= keep {
+        return (String::new(), text);
+    }
+    let at = text
+        .char_indices()
+        .nth(chars - keep)
+        .map_or(text.len(), |(i, _)| i);
+    let held = text[at..].to_string();
+    let mut released = text;
+    released.truncate(at);
+    (released, held)
+}
+
+/// The chunk that ends a stream the filters stopped, as OpenAI ends one.
+fn stop_chunk(envelope: &Value, index: u32, chat: bool) -> Bytes {
+    let mut chunk = envelope.clone();
+    let choice = if chat {
+        serde_json::json!({"index": index, "delta": {}, "finish_reason": "content_filter"})
+    } else {
+        serde_json::json!({"index": index, "text": "", "finish_reason": "content_filter"})
+    };
+    chunk["choices"] = Value::Array(vec![choice]);
+    sse::event(&chunk.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tails_split_on_characters() {
+        assert_eq!(
+            split_tail("héllo wörld".into(), 3),
+            ("héllo wö".into(), "rld".into())
+        );
+        assert_eq!(
+            split_tail("敏感词汇".into(), 2),
+            ("敏感".into(), "词汇".into())
+        );
+        assert_eq!(split_tail("ab".into(), 5), ("".into(), "ab".into()));
+        assert_eq!(split_tail("ab".into(), 0), ("ab".into(), "".into()));
+    }
+}

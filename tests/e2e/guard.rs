@@ -1,0 +1,536 @@
+//! Policies that guard and recover: sensitive-word filtering of prompts and
+//! (streamed) answers, fallback to another model, and guests that misbehave
+//! without hurting the host.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use sluice::mock::Flavor;
+
+use crate::common::*;
+
+/// The `data:` payloads of an SSE body, in order.
+fn events(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+fn content(events: &[String]) -> String {
+    events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+fn words_policy(config: &str) -> String {
+    format!(
+        "[[policies]]\nname = \"words\"\nmodule = \"builtin:sensitive-words\"\nconfig = {config}\n"
+    )
+}
+
+const ROUTER: &str = "[[policies]]\nname = \"router\"\nmodule = \"builtin:model-router\"\n";
+
+fn streaming(model: &str) -> Value {
+    let mut body = chat(model);
+    body["stream"] = json!(true);
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_prompts_never_reach_a_backend() {
+    let vm01 = mock("vm01", &["m"]).await;
+    let sluice = Sluice::start(&format!(
+        "{}{}{ROUTER}",
+        backend("vm01", &vm01.url(), &["m"], ""),
+        words_policy(r#"{ words = ["forbidden", "敏感词"], scope = "request" }"#)
+    ));
+    let client = client();
+    for text in ["tell me something FORBIDDEN", "这是一个敏感词测试"] {
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": text}]});
+        let response = client
+            .post(sluice.url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let error = expect_error(response, 400, "content_filter").await;
+        assert!(
+            !error.to_string().contains("敏感词"),
+            "the error echoed the word: {error}"
+        );
+    }
+    assert_eq!(vm01.stats.requests.load(Ordering::Relaxed), 0);
+    let ok = client
+        .post(sluice.url("/v1/chat/completions"))
+        .json(&chat("m"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn masked_prompts_reach_the_backend_masked() {
+    let vm01 = mock("vm01", &["m"]).await;
+    let sluice = Sluice::start(&format!(
+        "{}{}{ROUTER}",
+        backend("vm01", &vm01.url(), &["m"], ""),
+        words_policy(r#"{ words = ["secret", "机密"], scope = "request", action = "mask" }"#)
+    ));
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "my Secret is 机密 ok"}], "temperature": 0.5});
+    let response = client()
+        .post(sluice.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = vm01.stats.last_request().unwrap().1;
+    assert_eq!(seen["messages"][0]["content"], "my ****** is ** ok");
+    assert_eq!(seen["temperature"], 0.5);
+}
+
+/// "quick brown" arrives as the tokens " quick" and " brown": the host holds
+/// back enough text for the guest to see the phrase whole, and the stream
+/// still arrives chunk by chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_word_split_across_chunks_is_masked_in_the_stream() {
+    let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 60, 12)).await;
+    let sluice = Sluice::start(&format!(
+        "{}{}{ROUTER}",
+        backend("vm01", &vm01.url(), &["m"], ""),
+        words_policy(r#"{ words = ["quick brown"], scope = "response", action = "mask" }"#)
+    ));
+    let started = Instant::now();
+    let response = client()
+        .post(sluice.url("/v1/chat/completions"))
+        .json(&streaming("m"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(
+        vm01.stats.streams_finished.load(Ordering::SeqCst),
+        0,
+        "the filter buffered the whole answer"
+    );
+    assert!(started.elapsed() < Duration::from_millis(500));
+    let mut text = String::from_utf8(first.to_vec()).unwrap();
+    while let Some(chunk) = stream.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    let events = events(&text);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(
+        content(&events),
+        "Hello from vm01. the *********** fox jumps over lazy dogs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_word_ends_the_stream_cleanly() {
+    let vm01 = mock_with(paced("vm01", &["m"], Flavor::Ollama, 40, 16)).await;
+    let sluice = Sluice::start(&format!(
+        "{}{}{ROUTER}",
+        backend("vm01", &vm01.url(), &["m"], ""),
+        words_policy(r#"{ words = ["brown fox"], scope = "response" }"#)
+    ));
+    let text = client()
+        .post(sluice.url("/v1/chat/completions"))
+        .json(&streaming("m"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events = events(&text);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let stop: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(stop["choices"][0]["finish_reason"], "content_filter");
+    let said = content(&events);
+    assert!(
+        !said.contains("brown fox") && said.starts_with("Hello from vm01."),
+        "{said}"
+    );
+    // The backend's stream was dropped, not read to its end.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(vm01.stats.streams_finished.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_streamed_answers_are_masked_or_blocked() {
+    let vm01 = mock("vm01", &["m"]).await;
+    let masked = Sluice::start(&format!(
+        "{}{}{ROUTER}",
+        backend("vm01", &vm01.url(), &["m"], ""),
+        words_policy(r#"{ words = ["fox"], patterns = ["l[a-z]zy"], action = "mask" }"#)
+    ));
+    let answer: Value = client()
+        .post(masked.url("/v1/chat/completions"))
+        .json(&chat("m"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(
+        text,
+        "Hello from vm01. the quick brown *** jumps over **** dogs the quick brown ***"
+    );
+    assert_eq!(answer["usage"]["completion_tokens"], 16);
+
+    let blocked = Sluice::start(&format!(
+        "{}{}{ROUTER}",
+        backend("vm01", &vm01.url(), &["m"], ""),
+        words_policy(r#"{ words = ["FOX"] }"#)
+    ));
+    let response = client()
+        .post(blocked.url("/v1/chat/completions"))
+        .json(&chat("m"))
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, 400, "content_filter").await;
+}
+
+fn fallback_chain(qwen_url: &str, gemma_url: &str) -> String {
+    format!(
+        "{}{}{}{ROUTER}[[policies]]\nname = \"fallback\"\nmodule = \"builtin:fallback\"\nconfig = {{ fallbacks = {{ qwen2-1-5b = [\"gemma-2-2b\"] }} }}\n",
+        backend("vm01", qwen_url, &["qwen2-1-5b"], ""),
+        backend("vm02", gemma_url, &["gemma-2-2b"], ""),
+        words_policy(r#"{ words = ["forbidden"] }"#),
+    )
+}
+
+/// The field's scenario: sensitive-words → model-router → fallback;
+/// qwen2-1-5b's backend is down, the client asks for qwen2-1-5b and gets
+/// gemma-2-2b's answer with no error, streamed or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_model_falls_back_to_another() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let gemma = mock("vm02", &["gemma-2-2b"]).await;
+    let sluice = Sluice::start(&fallback_chain(&format!("http://{closed}"), &gemma.url()));
+    let client = client();
+
+    let response = client
+        .post(sluice.url("/v1/chat/completions"))
+        .json(&chat("qwen2-1-5b"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-model"], "gemma-2-2b");
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["model"], "gemma-2-2b");
+    assert!(answer["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .starts_with("Hello from vm02"));
+
+    let text = client
+        .post(sluice.url("/v1/chat/completions"))
+        .json(&streaming("qwen2-1-5b"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events = events(&text);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(first["model"], "gemma-2-2b");
+    assert_eq!(gemma.stats.last_request().unwrap().1["model"], "gemma-2-2b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5xx_falls_back_and_other_statuses_pass_through() {
+    let qwen = mock("vm01", &["qwen2-1-5b"]).await;
+    let gemma = mock("vm02", &["gemma-2-2b"]).await;
+    let sluice = Sluice::start(&fallback_chain(&qwen.url(), &gemma.url()));
+    let client = client();
+
+    qwen.stats.fail_status.store(503, Ordering::Relaxed);
+    let response = client
+        .post(sluice.url("/v1/chat/completions"))
+        .json(&streaming("qwen2-1-5b"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-backend"], "vm02");
+
+    // 429 is not in the default trigger list: the client gets it as it was.
+    qwen.stats.fail_status.store(429, Ordering::Relaxed);
+    let response = client
+        .post(sluice.url("/v1/chat/completions"))
+        .json(&chat("qwen2-1-5b"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+
+    // With gemma failing too, the last failure goes to the client.
+    qwen.stats.fail_status.store(500, Ordering::Relaxed);
+    gemma.stats.fail_status.store(502, Ordering::Relaxed);
+    let response = client
+        .post(sluice.url("/v1/chat/completions"))
+        .json(&chat("qwen2-1-5b"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    assert_eq!(response.headers()["x-sluice-backend"], "vm02");
+}
+
+/// After the first byte a stream cannot move: a backend that dies then ends
+/// the client's stream with an error event and `[DONE]`, nothing hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_dying_mid_stream_ends_it_with_an_error_event() {
+    let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 50, 40)).await;
+    let sluice = Sluice::start(&backend("vm01", &vm01.url(), &["m"], ""));
+    let response = client()
+        .post(sluice.url("/v1/chat/completions"))
+        .json(&streaming("m"))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    let mut text = String::from_utf8(stream.next().await.unwrap().unwrap().to_vec()).unwrap();
+    vm01.stop();
+    let rest = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(chunk) = stream.next().await {
+            text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+        }
+        text
+    })
+    .await
+    .expect("the stream hung after its backend died");
+    let events = events(&rest);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let error: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(error["error"]["code"], "backend_stream_error");
+}
+
+fn misbehaving(url: &str, on_error: &str, extra: &str) -> String {
+    format!(
+        "{extra}{}[[policies]]\nname = \"bad\"\nmodule = {:?}\non_error = {on_error:?}\n{ROUTER}",
+        backend("vm01", url, &["m"], ""),
+        test_guest("misbehave"),
+    )
+}
+
+/// Each kind of bad guest costs its own request a clear 503 naming the
+/// policy, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_guests_fail_closed_with_a_clear_error() {
+    let vm01 = mock("vm01", &["m"]).await;
+    // A small memory cap, so the memory bomb hits it well before its timeout.
+    let sluice = Sluice::start(&misbehaving(
+        &vm01.url(),
+        "fail-closed",
+        "[policy_runtime]\nmemory_limit = \"8MiB\"\n",
+    ));
+    let client = client();
+    for (behaviour, expected) in [
+        ("trap", "it trapped"),
+        ("loop", "it ran out of time"),
+        ("host-loop", "it ran out of time"),
+        ("oom", "it ran out of memory"),
+        ("bad-decision", "invalid decision"),
+        ("many-targets", "invalid decision"),
+    ] {
+        let started = Instant::now();
+        let response = client
+            .post(sluice.url("/v1/chat/completions"))
+            .header("x-misbehave", behaviour)
+            .json(&chat("m"))
+            .send()
+            .await
+            .unwrap();
+        let body = expect_error(response, 503, "policy_failed").await;
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("`bad`") && message.contains(expected),
+            "{behaviour}: {message}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{behaviour} took {:?}",
+            started.elapsed()
+        );
+    }
+    // A huge rejection message is cut to size, not refused.
+    let response = client
+        .post(sluice.url("/v1/chat/completions"))
+        .header("x-misbehave", "huge-message")
+        .json(&chat("m"))
+        .send()
+        .await
+        .unwrap();
+    let body = expect_error(response, 400, "huge").await;
+    assert_eq!(body["error"]["message"].as_str().unwrap().len(), 4096);
+
+    assert_eq!(vm01.stats.requests.load(Ordering::Relaxed), 0);
+    let ok = client
+        .post(sluice.url("/v1/chat/completions"))
+        .json(&chat("m"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let log = sluice.log();
+    assert!(
+        log.contains("misbehave: deliberate trap"),
+        "the guest's panic message is not in the log"
+    );
+    let metrics = client
+        .get(sluice.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for kind in ["trap", "timeout", "memory_limit", "invalid_decision"] {
+        let line = format!("sluice_policy_failures_total{{policy=\"bad\",kind=\"{kind}\"}}");
+        assert!(metrics.contains(&line), "missing {line} in\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fail_open_guest_is_skipped() {
+    let vm01 = mock("vm01", &["m"]).await;
+    let sluice = Sluice::start(&misbehaving(&vm01.url(), "fail-open", ""));
+    for behaviour in ["trap", "loop", "oom"] {
+        let response = client()
+            .post(sluice.url("/v1/chat/completions"))
+            .header("x-misbehave", behaviour)
+            .json(&chat("m"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{behaviour}");
+    }
+}
+
+/// While guests loop until their timeout, other requests keep flowing: a
+/// looping guest yields at every epoch tick instead of holding its thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn looping_guests_do_not_stall_other_requests() {
+    let vm01 = mock("vm01", &["m"]).await;
+    let sluice = Sluice::start(&misbehaving(
+        &vm01.url(),
+        "fail-closed",
+        "[policy_runtime]\ntimeout = \"1500ms\"\n",
+    ));
+    let client = client();
+    let mut loops = Vec::new();
+    for _ in 0..4 {
+        let (client, url) = (client.clone(), sluice.url("/v1/chat/completions"));
+        loops.push(tokio::spawn(async move {
+            client
+                .post(url)
+                .header("x-misbehave", "loop")
+                .json(&chat("m"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    for _ in 0..20 {
+        let response = client
+            .post(sluice.url("/v1/chat/completions"))
+            .json(&chat("m"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let good = started.elapsed();
+    for task in loops {
+        assert_eq!(task.await.unwrap(), 503);
+    }
+    assert!(
+        good < Duration::from_millis(1000),
+        "20 good requests took {good:?} beside 4 looping guests"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trapping_response_filter_ends_the_stream_cleanly() {
+    let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 5, 8)).await;
+    let mut body = streaming("m");
+    body["messages"][0]["content"] = json!("hi");
+    let sluice = Sluice::start(&format!(
+        "{}[[policies]]\nname = \"bad\"\nmodule = {:?}\nconfig = {{ response = \"trap\" }}\n{ROUTER}",
+        backend("vm01", &vm01.url(), &["m"], ""),
+        test_guest("misbehave"),
+    ));
+    // The mock's answer contains no "boom": the filter passes everything.
+    let text = client()
+        .post(sluice.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        content(&events(&text)),
+        "Hello from vm01. the quick brown fox"
+    );
+}
+
+/// A component built against the frozen 0.1.0 contract still loads and
+/// routes (it picks the last backend serving the model).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_built_against_contract_0_1_still_works() {
+    let vm01 = mock("vm01", &["m"]).await;
+    let vm02 = mock("vm02", &["m"]).await;
+    let sluice = Sluice::start(&format!(
+        "{}{}[[policies]]\nname = \"legacy\"\nmodule = {:?}\n",
+        backend("vm01", &vm01.url(), &["m"], ""),
+        backend("vm02", &vm02.url(), &["m"], ""),
+        test_guest("legacy-router"),
+    ));
+    let client = client();
+    for _ in 0..10 {
+        let response = client
+            .post(sluice.url("/v1/chat/completions"))
+            .json(&chat("m"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-sluice-backend"], "vm02");
+    }
+    let response = client
+        .post(sluice.url("/v1/chat/completions"))
+        .json(&chat("nope"))
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, 404, "legacy_model_not_found").await;
+}
