@@ -83,10 +83,12 @@ pub trait Policy: Sized + 'static {
     /// deploy with its message.
     fn init() -> Result<Self, String>;
 
-    /// Which hooks beyond `on_request` the host should call. The default
-    /// is none.
+    /// Which hooks the host should call. The default is `on_request` only;
+    /// a policy that only filters answers or handles failures turns
+    /// `request` off and costs nothing in the request phase.
     fn hooks(&self) -> Hooks {
         Hooks {
+            request: true,
             response_holdback: None,
             failure: false,
         }

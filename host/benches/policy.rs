@@ -1,9 +1,11 @@
-//! Per-request cost of the policy chain: a fresh pooled instance of
-//! `builtin:model-router`, its fleet queries, and its decision, for a small
-//! and a 1 MiB request. Prints nanoseconds per request.
+//! Per-request cost of the policy chain, and per-chunk cost of response
+//! filtering: fresh pooled instances of the bundled policies, their fleet
+//! queries, and their decisions, driven on a tokio runtime as the gateway
+//! does. Prints nanoseconds per call.
 //!
 //! Run: `cargo bench -p sluice --bench policy`
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +14,7 @@ use http::HeaderMap;
 use sluice::backends::Fleet;
 use sluice::config::{BackendConfig, PolicyConfig, PolicyRuntimeConfig};
 use sluice::openai::{Endpoint, RequestHead};
-use sluice::policy::{Chain, PolicyRequest, Runtime};
+use sluice::policy::{Chain, Filtered, PolicyRequest, Runtime};
 
 fn backend(name: &str, models: &[&str]) -> BackendConfig {
     BackendConfig {
@@ -25,75 +27,133 @@ fn backend(name: &str, models: &[&str]) -> BackendConfig {
     }
 }
 
+fn policy(name: &str, config: serde_json::Value) -> PolicyConfig {
+    PolicyConfig {
+        name: name.into(),
+        module: format!("builtin:{name}"),
+        config,
+        on_error: Default::default(),
+    }
+}
+
+/// A few thousand made-up words, as an operator's list would be.
+fn word_list(count: usize) -> Vec<String> {
+    let syllables = ["ka", "zu", "mi", "ro", "te", "shi", "no", "va", "qu", "el"];
+    (0..count)
+        .map(|i| {
+            let mut w = String::new();
+            let mut n = i + 7;
+            for _ in 0..4 {
+                w.push_str(syllables[n % syllables.len()]);
+                n /= syllables.len();
+            }
+            format!("{w}{i}")
+        })
+        .collect()
+}
+
+/// Median and best nanoseconds per call of `f`, over batches of 1,000 for
+/// about three seconds, after a warm-up.
+fn measure<F: Future<Output = ()>>(
+    tokio: &tokio::runtime::Runtime,
+    mut f: impl FnMut() -> F,
+) -> (f64, f64, usize) {
+    for _ in 0..2_000 {
+        tokio.block_on(f());
+    }
+    let mut samples = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        let start = Instant::now();
+        for _ in 0..1_000 {
+            tokio.block_on(f());
+        }
+        samples.push(start.elapsed().as_nanos() as f64 / 1_000.0);
+    }
+    samples.sort_by(f64::total_cmp);
+    (samples[samples.len() / 2], samples[0], samples.len())
+}
+
 fn main() -> anyhow::Result<()> {
-    // The gateway decides on tokio worker threads; measure it the same way.
     let tokio = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let fleet = Arc::new(
         Fleet::new(&[
             backend("vm01", &["glm4-9b", "qwen2.5-1.5b"]),
-            backend("vm02", &["glm4-9b"]),
+            backend("vm02", &["glm4-9b", "gemma-2-2b"]),
         ])
         .map_err(anyhow::Error::msg)?,
     );
     let runtime = Runtime::new(&PolicyRuntimeConfig::default())?;
-    let router = PolicyConfig {
-        name: "router".into(),
-        module: "builtin:model-router".into(),
-        config: serde_json::json!({"aliases": {"glm4": "glm4-9b"}}),
-        on_error: Default::default(),
-    };
-    let chain = tokio.block_on(Chain::load(&runtime, &fleet, &[router]))?;
-    let headers = Arc::new(HeaderMap::new());
-
-    let small = Bytes::from_static(
-        br#"{"model":"glm4-9b","messages":[{"role":"user","content":"Hello"}]}"#,
+    let router = policy(
+        "model-router",
+        serde_json::json!({"aliases": {"glm4": "glm4-9b"}}),
     );
-    let large = Bytes::from(format!(
-        r#"{{"model":"glm4-9b","messages":[{{"role":"user","content":"{}"}}]}}"#,
-        "x".repeat(1 << 20)
-    ));
-    for (label, body) in [("small body", small), ("1 MiB body", large)] {
+    let words = policy(
+        "sensitive-words",
+        serde_json::json!({"words": word_list(3_000), "action": "mask"}),
+    );
+    let fallback = policy(
+        "fallback",
+        serde_json::json!({"fallbacks": {"qwen2.5-1.5b": ["gemma-2-2b"]}}),
+    );
+    let headers = Arc::new(HeaderMap::new());
+    let body = Bytes::from_static(
+        br#"{"model":"glm4-9b","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Write a haiku about the sea and the mountains, please."}]}"#,
+    );
+    let request = |id| PolicyRequest {
+        id,
+        endpoint: Endpoint::ChatCompletions,
+        path: "/v1/chat/completions".into(),
+        head: RequestHead {
+            model: "glm4-9b".into(),
+            stream: true,
+        },
+        consumer: None,
+        headers: headers.clone(),
+        body: body.clone(),
+    };
+
+    for (label, configs) in [
+        ("model-router", vec![router.clone()]),
+        (
+            "sensitive-words (3,000 words) -> model-router -> fallback",
+            vec![words, router, fallback],
+        ),
+    ] {
+        let chain = tokio.block_on(Chain::load(&runtime, &fleet, &configs))?;
         let mut id = 0;
-        let mut run = || {
+        let (median, best, n) = measure(&tokio, || {
             id += 1;
-            let request = PolicyRequest {
-                id,
-                endpoint: Endpoint::ChatCompletions,
-                path: "/v1/chat/completions".into(),
-                head: RequestHead {
-                    model: "glm4-9b".into(),
-                    stream: false,
-                },
-                consumer: None,
-                headers: headers.clone(),
-                body: body.clone(),
-            };
-            tokio
-                .block_on(chain.decide(&runtime, &fleet, request))
-                .map(|r| r.targets.len())
-        };
-        // Warm up the pool's slots and the caches.
-        for _ in 0..2_000 {
-            run()?;
-        }
-        let mut samples = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            let start = Instant::now();
-            for _ in 0..1_000 {
-                run()?;
+            let route = chain.decide(&runtime, &fleet, request(id));
+            async move {
+                assert!(route.await.is_ok());
             }
-            samples.push(start.elapsed().as_nanos() as f64 / 1_000.0);
-        }
-        samples.sort_by(f64::total_cmp);
+        });
         println!(
-            "policy chain (model-router), {label}: median {:.0} ns/request, best {:.0} ns, over {} x 1000 calls",
-            samples[samples.len() / 2],
-            samples[0],
-            samples.len()
+            "request phase, {label}: median {median:.0} ns/request, best {best:.0} ns ({n} x 1000)"
         );
+
+        if chain.response_holdback().is_some() {
+            let route = tokio
+                .block_on(chain.decide(&runtime, &fleet, request(0)))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (median, best, n) = measure(&tokio, || {
+                let filtered = chain.filter_text(
+                    &runtime,
+                    &fleet,
+                    &route,
+                    0,
+                    "kazumiro0 the quick brown".into(),
+                    false,
+                );
+                async move {
+                    assert!(matches!(filtered.await, Filtered::Text(_)));
+                }
+            });
+            println!("response phase, {label}: median {median:.0} ns/chunk, best {best:.0} ns ({n} x 1000)");
+        }
     }
     Ok(())
 }

@@ -124,9 +124,11 @@ impl Chain {
         for config in configs {
             let what = || format!("policy `{}` ({})", config.name, config.module);
             let policy = load_one(runtime, fleet, config).await.with_context(what)?;
-            trial(runtime, fleet, &policy)
-                .await
-                .with_context(|| format!("{} failed its trial request", what()))?;
+            if policy.hooks.request {
+                trial(runtime, fleet, &policy)
+                    .await
+                    .with_context(|| format!("{} failed its trial request", what()))?;
+            }
             policies.push(policy);
         }
         Ok(Chain { policies })
@@ -159,7 +161,7 @@ impl Chain {
         fleet: &Arc<Fleet>,
         mut request: PolicyRequest,
     ) -> Result<Route, GatewayError> {
-        for policy in &self.policies {
+        for policy in self.policies.iter().filter(|p| p.hooks.request) {
             match run_request_phase(runtime, fleet, policy, &request).await {
                 Ok(Verdict::Pass(None)) => {}
                 Ok(Verdict::Pass(Some((head, body)))) => {

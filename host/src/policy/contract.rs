@@ -42,12 +42,22 @@ pub enum Decision {
 }
 
 /// The hooks a policy declared at load time.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hooks {
+    pub request: bool,
     /// Characters of streamed text to hold back between calls; `None`: the
     /// policy does not filter responses.
     pub response_holdback: Option<u32>,
     pub failure: bool,
+}
+
+impl Hooks {
+    /// What a 0.1 guest has: the request hook only.
+    pub const REQUEST_ONLY: Hooks = Hooks {
+        request: true,
+        response_holdback: None,
+        failure: false,
+    };
 }
 
 /// A policy's answer about a piece of the answer's text.

@@ -311,6 +311,7 @@ versioned!(v2);
 impl From<v2::sluice::policy::types::Hooks> for Hooks {
     fn from(h: v2::sluice::policy::types::Hooks) -> Self {
         Hooks {
+            request: h.request,
             response_holdback: h.response_holdback,
             failure: h.failure,
         }

@@ -186,7 +186,7 @@ impl Runtime {
         match v1::PolicyPre::new(linked) {
             Ok(pre) => Ok(Prepared {
                 pre: Pre::V1(pre),
-                hooks: Hooks::default(),
+                hooks: Hooks::REQUEST_ONLY,
                 contract: "0.1.0",
             }),
             Err(_) => anyhow::bail!(

@@ -98,7 +98,9 @@ impl Policy for Fallback {
     }
 
     fn hooks(&self) -> Hooks {
+        // Failures only: the request phase never instantiates this policy.
         Hooks {
+            request: false,
             response_holdback: None,
             failure: true,
         }

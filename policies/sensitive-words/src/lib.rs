@@ -118,6 +118,7 @@ impl Policy for SensitiveWords {
 
     fn hooks(&self) -> Hooks {
         Hooks {
+            request: self.scope.request(),
             response_holdback: self.scope.response().then_some(self.holdback),
             failure: false,
         }

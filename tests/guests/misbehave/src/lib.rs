@@ -62,6 +62,7 @@ impl Policy for Misbehave {
 
     fn hooks(&self) -> Hooks {
         Hooks {
+            request: true,
             // No holdback: the tests control where "boom" falls in a chunk.
             response_holdback: self.response.map(|_| 0),
             failure: false,
