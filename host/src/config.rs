@@ -40,6 +40,8 @@ pub struct Config {
     #[serde(default)]
     pub policy_runtime: PolicyRuntimeConfig,
     #[serde(default)]
+    pub policy_store: PolicyStoreConfig,
+    #[serde(default)]
     pub backends: Vec<BackendConfig>,
     /// The policy chain, run in order for every request. Empty means the
     /// default chain: `builtin:model-router` with no configuration.
@@ -66,6 +68,11 @@ pub struct ServerConfig {
     /// On shutdown, how long in-flight requests and streams may take to end.
     #[serde(deserialize_with = "de_duration")]
     pub shutdown_timeout: Duration,
+    /// Address of the admin API (deploys, usage), separate from the data
+    /// plane. Without an admin token it must be a loopback address.
+    pub admin_listen: SocketAddr,
+    /// File holding the admin bearer token (`SLUICE_ADMIN_TOKEN` wins).
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +83,8 @@ impl Default for ServerConfig {
             connect_timeout: Duration::from_secs(3),
             response_timeout: Duration::from_secs(120),
             shutdown_timeout: Duration::from_secs(30),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            admin_token_file: None,
         }
     }
 }
@@ -104,6 +113,30 @@ impl Default for PolicyRuntimeConfig {
             memory_limit: 64 << 20,
             max_instances: 1000,
             max_body_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Where deployed policies live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyStoreConfig {
+    /// Deployed versions and the chain, so deploys survive a restart.
+    /// Default: `sluice-state` next to the config file.
+    pub state_dir: Option<PathBuf>,
+    /// Dropping `NAME.wasm` (and optionally `NAME.json`) here deploys it.
+    pub watch_dir: Option<PathBuf>,
+    /// How often the watched directory is scanned.
+    #[serde(deserialize_with = "de_duration")]
+    pub watch_interval: Duration,
+}
+
+impl Default for PolicyStoreConfig {
+    fn default() -> Self {
+        PolicyStoreConfig {
+            state_dir: None,
+            watch_dir: None,
+            watch_interval: Duration::from_secs(1),
         }
     }
 }
@@ -153,7 +186,7 @@ fn empty_object() -> serde_json::Value {
     serde_json::Value::Object(Default::default())
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnError {
     /// Answer 503 naming the policy.
@@ -179,6 +212,18 @@ impl Config {
             other => other,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
+        let store = &mut config.policy_store;
+        store.state_dir = Some(
+            base.join(
+                store
+                    .state_dir
+                    .take()
+                    .unwrap_or_else(|| "sluice-state".into()),
+            ),
+        );
+        store.watch_dir = store.watch_dir.take().map(|d| base.join(d));
+        config.server.admin_token_file =
+            config.server.admin_token_file.take().map(|f| base.join(f));
         for policy in &mut config.policies {
             if !policy.module.starts_with("builtin:") && Path::new(&policy.module).is_relative() {
                 policy.module = base.join(&policy.module).to_string_lossy().into_owned();

@@ -81,5 +81,11 @@ Ctrl-C stops it."#,
         vm01_url = vm01.url(),
         vm02_url = vm02.url(),
     );
-    server::serve(listener, gateway, shutdown, Duration::from_secs(5)).await
+    server::serve(
+        listener,
+        move |r| gateway.clone().handle(r),
+        shutdown,
+        Duration::from_secs(5),
+    )
+    .await
 }

@@ -46,6 +46,15 @@ pub enum GatewayError {
     BackendTimeout { backend: String, timeout: Duration },
     #[error("Backend `{backend}` answered with status {status}.")]
     BackendStatus { backend: String, status: StatusCode },
+    #[error("The admin API needs a valid `Authorization: Bearer` token.")]
+    AdminUnauthorized,
+    /// An admin operation refused (bad module, unknown policy, conflict).
+    #[error("{message}")]
+    Admin {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+    },
 }
 
 impl GatewayError {
@@ -67,6 +76,8 @@ impl GatewayError {
             Rejected { status, .. } => *status,
             Policy(_) | NoRoute { .. } | NoBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
             BackendUnreachable { .. } | BackendStatus { .. } => StatusCode::BAD_GATEWAY,
+            AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            Admin { status, .. } => *status,
             BackendTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -87,6 +98,8 @@ impl GatewayError {
             BackendUnreachable { .. } => "backend_unreachable",
             BackendTimeout { .. } => "backend_timeout",
             BackendStatus { .. } => "backend_error",
+            AdminUnauthorized => "invalid_admin_token",
+            Admin { code, .. } => code,
         }
     }
 

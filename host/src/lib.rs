@@ -5,10 +5,13 @@
 //! what routing needs, [`policy`] runs the guest chain, [`backends`] holds
 //! the fleet and its limits, [`proxy`] forwards and streams the answer.
 
+pub mod admin;
+pub mod admin_client;
 pub mod backends;
 pub mod body;
 pub mod config;
 pub mod demo;
+pub mod deploy;
 pub mod errors;
 pub mod filter;
 pub mod metrics;
@@ -18,3 +21,5 @@ pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod sse;
+pub mod tokens;
+pub mod usage;

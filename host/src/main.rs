@@ -4,10 +4,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use http::Method;
+use sluice::admin::Admin;
+use sluice::admin_client::AdminClient;
 use sluice::config::Config;
 use sluice::mock::{Flavor, MockBackend, MockConfig};
 use sluice::{demo, server};
@@ -33,6 +37,39 @@ enum LogFormat {
 }
 
 #[derive(Subcommand)]
+enum PolicyAction {
+    /// Deploy FILE.wasm as a new version of NAME (a new policy if NAME is new).
+    Deploy {
+        name: String,
+        module: PathBuf,
+        /// The policy's config as a JSON file (default: the active version's).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where a new policy goes in the chain (0 = first; default last).
+        #[arg(long)]
+        position: Option<usize>,
+        /// fail-closed or fail-open.
+        #[arg(long)]
+        on_error: Option<String>,
+        /// Run beside the active version without affecting requests.
+        #[arg(long)]
+        shadow: bool,
+    },
+    /// List the chain: versions, hashes, sources, which is active.
+    List,
+    /// Make the previous version of NAME active again.
+    Rollback { name: String },
+    /// Take NAME out of the chain.
+    Remove { name: String },
+    /// How often NAME's shadow decided differently, with examples.
+    Shadow { name: String },
+    /// Make NAME's shadow its active version.
+    Promote { name: String },
+    /// Drop NAME's shadow.
+    Discard { name: String },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Serve the OpenAI-compatible API with the configured fleet and policies.
     Serve {
@@ -41,6 +78,32 @@ enum Command {
         /// Overrides `server.listen`.
         #[arg(long, env = "SLUICE_LISTEN")]
         listen: Option<SocketAddr>,
+        /// Overrides `server.admin_listen`.
+        #[arg(long, env = "SLUICE_ADMIN_LISTEN")]
+        admin_listen: Option<SocketAddr>,
+        /// The admin API's bearer token (else `server.admin_token_file`).
+        #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+    },
+    /// Deploy, list, roll back and shadow policies on a running gateway.
+    Policy {
+        /// The admin API's address.
+        #[arg(
+            long,
+            env = "SLUICE_ADMIN_URL",
+            default_value = "http://127.0.0.1:8081",
+            global = true
+        )]
+        admin_url: String,
+        #[arg(
+            long,
+            env = "SLUICE_ADMIN_TOKEN",
+            hide_env_values = true,
+            global = true
+        )]
+        admin_token: Option<String>,
+        #[command(subcommand)]
+        action: PolicyAction,
     },
     /// Validate a config file and compile and trial its policies, then exit.
     CheckConfig {
@@ -101,21 +164,79 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve { config, listen } => {
+        Command::Serve {
+            config,
+            listen,
+            admin_listen,
+            admin_token,
+        } => {
             let mut config = Config::load(&config)?;
             if let Some(listen) = listen {
                 config.server.listen = listen;
             }
-            let gateway = server::Gateway::new(&config).await?;
-            let listener = server::bind(config.server.listen).await?;
-            announce(listener.local_addr()?);
-            server::serve(
-                listener,
-                gateway,
-                shutdown_signal(),
-                config.server.shutdown_timeout,
-            )
-            .await
+            if let Some(admin_listen) = admin_listen {
+                config.server.admin_listen = admin_listen;
+            }
+            serve(config, admin_token).await
+        }
+        Command::Policy {
+            admin_url,
+            admin_token,
+            action,
+        } => {
+            let client = AdminClient::new(&admin_url, admin_token);
+            let output = match action {
+                PolicyAction::Deploy {
+                    name,
+                    module,
+                    config,
+                    position,
+                    on_error,
+                    shadow,
+                } => {
+                    client
+                        .deploy(
+                            &name,
+                            &module,
+                            config.as_deref(),
+                            position,
+                            on_error.as_deref(),
+                            shadow,
+                        )
+                        .await?
+                }
+                PolicyAction::List => {
+                    client
+                        .call(Method::GET, "/admin/policies", Default::default())
+                        .await?
+                }
+                PolicyAction::Rollback { name } => {
+                    let path = format!("/admin/policies/{name}/rollback");
+                    client.call(Method::POST, &path, Default::default()).await?
+                }
+                PolicyAction::Remove { name } => {
+                    let path = format!("/admin/policies/{name}");
+                    client
+                        .call(Method::DELETE, &path, Default::default())
+                        .await?
+                }
+                PolicyAction::Shadow { name } => {
+                    let path = format!("/admin/policies/{name}/shadow");
+                    client.call(Method::GET, &path, Default::default()).await?
+                }
+                PolicyAction::Promote { name } => {
+                    let path = format!("/admin/policies/{name}/shadow/promote");
+                    client.call(Method::POST, &path, Default::default()).await?
+                }
+                PolicyAction::Discard { name } => {
+                    let path = format!("/admin/policies/{name}/shadow");
+                    client
+                        .call(Method::DELETE, &path, Default::default())
+                        .await?
+                }
+            };
+            println!("{output}");
+            Ok(())
         }
         Command::CheckConfig { config: path } => {
             let config = Config::load(&path)?;
@@ -126,9 +247,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 gateway.fleet.backends().len(),
                 gateway.fleet.models().len(),
                 gateway
-                    .chain
+                    .deployer
+                    .chain()
+                    .load()
                     .policies()
-                    .iter()
                     .map(|p| p.name.to_string())
                     .collect::<Vec<_>>()
                     .join(" -> ")
@@ -154,17 +276,85 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let backend = MockBackend::start(listen, config)
                 .await
                 .context("starting the mock backend")?;
-            announce(backend.addr);
+            announce("sluice listening", backend.addr);
             shutdown_signal().await;
             Ok(())
         }
     }
 }
 
-/// The one line on stdout that scripts and tests read to find the port.
-fn announce(addr: SocketAddr) {
+/// Runs the data plane and the admin API until a shutdown signal.
+async fn serve(config: Config, admin_token: Option<String>) -> anyhow::Result<()> {
+    let token = match (admin_token, &config.server.admin_token_file) {
+        (Some(token), _) => Some(token),
+        (None, Some(file)) => Some(
+            std::fs::read_to_string(file)
+                .with_context(|| format!("server.admin_token_file: reading {}", file.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    }
+    .filter(|t| !t.is_empty());
+    let admin_addr = config.server.admin_listen;
+    if token.is_none() && !admin_addr.ip().is_loopback() {
+        anyhow::bail!(
+            "server.admin_listen: {admin_addr} is not a loopback address, and no admin token is set \
+             (SLUICE_ADMIN_TOKEN or server.admin_token_file)"
+        );
+    }
+    if token.is_none() {
+        tracing::warn!(%admin_addr, "no admin token configured: the admin API is open to local processes only");
+    }
+
+    let gateway = server::Gateway::new(&config).await?;
+    let listener = server::bind(config.server.listen).await?;
+    let admin_listener = server::bind(admin_addr).await?;
+    let admin = Arc::new(Admin {
+        deployer: gateway.deployer.clone(),
+        token,
+    });
+    if let Some(dir) = config.policy_store.watch_dir.clone() {
+        tokio::spawn(
+            gateway
+                .deployer
+                .clone()
+                .watch(dir, config.policy_store.watch_interval),
+        );
+    }
+    announce("admin listening", admin_listener.local_addr()?);
+    announce("sluice listening", listener.local_addr()?);
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let drain = config.server.shutdown_timeout;
+    let admin_task = tokio::spawn(server::serve(
+        admin_listener,
+        move |r| admin.clone().handle(r),
+        wait(stopped.clone()),
+        drain,
+    ));
+    let data = server::serve(
+        listener,
+        move |r| gateway.clone().handle(r),
+        wait(stopped),
+        drain,
+    );
+    let signal = async {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    };
+    let (served, ()) = tokio::join!(data, signal);
+    admin_task.await??;
+    served
+}
+
+/// The lines on stdout that scripts and tests read to find the ports.
+fn announce(what: &str, addr: SocketAddr) {
     use std::io::Write;
-    println!("sluice listening on http://{addr}");
+    println!("{what} on http://{addr}");
     let _ = std::io::stdout().flush();
 }
 

@@ -21,17 +21,21 @@ use tokio::net::TcpListener;
 use crate::backends::Fleet;
 use crate::body::Body;
 use crate::config::Config;
+use crate::deploy::Deployer;
 use crate::errors::GatewayError;
 use crate::filter::Filter;
 use crate::openai::{self, Endpoint, RequestHead};
 use crate::policy::{Chain, PolicyRequest, Runtime};
 use crate::proxy::{Answer, Upstream};
+use arc_swap::ArcSwap;
 
 /// Everything a request needs, shared by all connections.
 pub struct Gateway {
     pub fleet: Arc<Fleet>,
     pub runtime: Arc<Runtime>,
-    pub chain: Arc<Chain>,
+    pub deployer: Arc<Deployer>,
+    /// The live chain, swapped whole by deploys; a request loads it once.
+    chain: Arc<ArcSwap<Chain>>,
     upstream: Upstream,
     max_body_bytes: u64,
     next_id: AtomicU64,
@@ -44,11 +48,21 @@ impl Gateway {
     pub async fn new(config: &Config) -> anyhow::Result<Arc<Gateway>> {
         let fleet = Arc::new(Fleet::new(&config.backends).map_err(anyhow::Error::msg)?);
         let runtime = Arc::new(Runtime::new(&config.policy_runtime)?);
-        let chain = Arc::new(Chain::load(&runtime, &fleet, &config.policy_chain()).await?);
+        let deployer = Arc::new(
+            Deployer::start(
+                runtime.clone(),
+                fleet.clone(),
+                &config.policy_chain(),
+                config.policy_store.state_dir.clone(),
+            )
+            .await?,
+        );
+        let chain = deployer.chain().clone();
         let server = &config.server;
         Ok(Arc::new(Gateway {
             fleet,
             runtime,
+            deployer,
             chain,
             upstream: Upstream::new(server.connect_timeout, server.response_timeout),
             max_body_bytes: server.max_body_bytes,
@@ -110,7 +124,7 @@ impl Gateway {
             headers: Arc::new(parts.headers),
             body,
         };
-        let chain = self.chain.clone();
+        let chain = self.chain.load_full();
         let route = chain.decide(&self.runtime, &self.fleet, request).await?;
         let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let answer = self
@@ -154,7 +168,7 @@ impl Gateway {
 /// Reads the whole request body, refusing one over `limit` before reading it
 /// when the client announced its length, and as soon as it passes the limit
 /// otherwise.
-async fn read_body(
+pub(crate) async fn read_body(
     headers: &http::HeaderMap,
     body: Incoming,
     limit: u64,
@@ -193,14 +207,18 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("binding {addr}"))
 }
 
-/// Serves until `shutdown` resolves, then stops accepting and lets open
-/// requests and streams finish for up to `drain`.
-pub async fn serve(
+/// Serves `handler` until `shutdown` resolves, then stops accepting and
+/// lets open requests and streams finish for up to `drain`.
+pub async fn serve<F, Fut>(
     listener: TcpListener,
-    gateway: Arc<Gateway>,
+    handler: F,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<()>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -218,10 +236,10 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let gateway = gateway.clone();
+        let handler = handler.clone();
         let service = service_fn(move |request| {
-            let gateway = gateway.clone();
-            async move { Ok::<_, std::convert::Infallible>(gateway.handle(request).await) }
+            let response = handler(request);
+            async move { Ok::<_, std::convert::Infallible>(response.await) }
         });
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)

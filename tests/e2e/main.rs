@@ -4,6 +4,7 @@
 mod common;
 
 mod cli;
+mod deploy;
 mod errors;
 mod guard;
 mod routing;

@@ -34,8 +34,10 @@ const MAX_REPLACEMENT_GROWTH: usize = 64 * 1024;
 /// A compiled policy, ready to instantiate per call.
 pub struct LoadedPolicy {
     pub name: Arc<str>,
-    /// Where it came from: `builtin:NAME` or a file path.
+    /// Where it came from: `builtin:NAME`, a file path, `api`, `watch:FILE`.
     pub source: String,
+    /// SHA-256 of the component as deployed.
+    pub sha256: String,
     pub on_error: OnError,
     /// The contract version it was built against.
     pub contract: &'static str,
@@ -107,49 +109,132 @@ enum Verdict {
     Reject(GatewayError),
 }
 
+/// What to load: a component's bytes and how to run it.
+pub struct PolicySpec<'a> {
+    pub name: &'a str,
+    pub bytes: &'a [u8],
+    pub source: String,
+    pub config: &'a serde_json::Value,
+    pub on_error: OnError,
+}
+
+/// One place in the chain: the active policy, and optionally a shadow
+/// version that runs beside it on live requests without affecting them.
+#[derive(Clone)]
+pub struct ChainEntry {
+    pub policy: Arc<LoadedPolicy>,
+    pub shadow: Option<Arc<Shadow>>,
+}
+
+/// A shadow version and what it has shown so far.
+pub struct Shadow {
+    pub policy: Arc<LoadedPolicy>,
+    pub version: u32,
+    stats: std::sync::Mutex<ShadowStats>,
+}
+
+/// How often a shadow decided differently from the active version.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ShadowStats {
+    pub compared: u64,
+    pub differed: u64,
+    /// The most recent differences, newest last (at most [`SHADOW_EXAMPLES`]).
+    pub examples: std::collections::VecDeque<ShadowExample>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ShadowExample {
+    pub request_id: u64,
+    pub model: String,
+    pub active: String,
+    pub shadow: String,
+}
+
+const SHADOW_EXAMPLES: usize = 20;
+
+impl Shadow {
+    pub fn new(policy: Arc<LoadedPolicy>, version: u32) -> Shadow {
+        Shadow {
+            policy,
+            version,
+            stats: Default::default(),
+        }
+    }
+
+    pub fn stats(&self) -> ShadowStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn record(&self, example: ShadowExample) {
+        let Ok(mut stats) = self.stats.lock() else {
+            return;
+        };
+        stats.compared += 1;
+        if example.active != example.shadow {
+            stats.differed += 1;
+            if stats.examples.len() == SHADOW_EXAMPLES {
+                stats.examples.pop_front();
+            }
+            stats.examples.push_back(example);
+        }
+    }
+}
+
 pub struct Chain {
-    policies: Vec<LoadedPolicy>,
+    entries: Vec<ChainEntry>,
 }
 
 impl Chain {
-    /// Compiles and initialises every policy and runs each once on a trial
-    /// request against the real fleet; a policy that fails there is refused
-    /// with its message.
+    pub fn new(entries: Vec<ChainEntry>) -> Chain {
+        Chain { entries }
+    }
+
+    /// Compiles, initialises and trials the configured policies, in order.
     pub async fn load(
         runtime: &Runtime,
         fleet: &Arc<Fleet>,
         configs: &[PolicyConfig],
     ) -> anyhow::Result<Chain> {
-        let mut policies = Vec::with_capacity(configs.len());
+        let mut entries = Vec::with_capacity(configs.len());
         for config in configs {
-            let what = || format!("policy `{}` ({})", config.name, config.module);
-            let policy = load_one(runtime, fleet, config).await.with_context(what)?;
-            if policy.hooks.request {
-                trial(runtime, fleet, &policy)
-                    .await
-                    .with_context(|| format!("{} failed its trial request", what()))?;
-            }
-            policies.push(policy);
+            let bytes = module_bytes(&config.module)?;
+            let spec = PolicySpec {
+                name: &config.name,
+                bytes: &bytes,
+                source: config.module.clone(),
+                config: &config.config,
+                on_error: config.on_error,
+            };
+            let policy = load_policy(runtime, fleet, spec)
+                .await
+                .with_context(|| format!("policy `{}` ({})", config.name, config.module))?;
+            entries.push(ChainEntry {
+                policy: Arc::new(policy),
+                shadow: None,
+            });
         }
-        Ok(Chain { policies })
+        Ok(Chain { entries })
     }
 
-    pub fn policies(&self) -> &[LoadedPolicy] {
-        &self.policies
+    pub fn entries(&self) -> &[ChainEntry] {
+        &self.entries
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = &LoadedPolicy> {
+        self.entries.iter().map(|e| e.policy.as_ref())
     }
 
     /// Characters of streamed text the response filters need held back, or
     /// `None` when no policy filters responses (they then stream untouched).
     pub fn response_holdback(&self) -> Option<usize> {
-        self.policies
-            .iter()
+        self.policies()
             .filter_map(|p| p.hooks.response_holdback)
             .max()
             .map(|h| h as usize)
     }
 
     pub fn handles_failures(&self) -> bool {
-        self.policies.iter().any(|p| p.hooks.failure)
+        self.policies().any(|p| p.hooks.failure)
     }
 
     /// Runs the request phase: each policy in order until one routes or
@@ -157,12 +242,17 @@ impl Chain {
     /// `on_error` says.
     pub async fn decide(
         &self,
-        runtime: &Runtime,
+        runtime: &Arc<Runtime>,
         fleet: &Arc<Fleet>,
         mut request: PolicyRequest,
     ) -> Result<Route, GatewayError> {
-        for policy in self.policies.iter().filter(|p| p.hooks.request) {
-            match run_request_phase(runtime, fleet, policy, &request).await {
+        for entry in self.entries.iter().filter(|e| e.policy.hooks.request) {
+            let policy = entry.policy.as_ref();
+            let verdict = run_request_phase(runtime, fleet, policy, &request).await;
+            if let Some(shadow) = &entry.shadow {
+                run_shadow(runtime, fleet, shadow, &request, summary(&verdict));
+            }
+            match verdict {
                 Ok(Verdict::Pass(None)) => {}
                 Ok(Verdict::Pass(Some((head, body)))) => {
                     request.head = head;
@@ -194,7 +284,7 @@ impl Chain {
         route: &Route,
         failure: &AttemptFailure,
     ) -> Result<FailureDecision, GatewayError> {
-        for policy in self.policies.iter().filter(|p| p.hooks.failure) {
+        for policy in self.policies().filter(|p| p.hooks.failure) {
             let state = runtime.state(context(fleet, policy, &route.headers, &route.body));
             let started = Instant::now();
             let decision = runtime
@@ -238,8 +328,7 @@ impl Chain {
         last: bool,
     ) -> Filtered {
         for policy in self
-            .policies
-            .iter()
+            .policies()
             .filter(|p| p.hooks.response_holdback.is_some())
         {
             let state = runtime.state(context(fleet, policy, &route.headers, &route.body));
@@ -319,24 +408,31 @@ fn context(
     }
 }
 
-async fn load_one(
-    runtime: &Runtime,
-    fleet: &Arc<Fleet>,
-    config: &PolicyConfig,
-) -> anyhow::Result<LoadedPolicy> {
-    let bytes: std::borrow::Cow<[u8]> = match config.module.strip_prefix("builtin:") {
+/// The bytes of `builtin:NAME` or of a component file.
+pub fn module_bytes(module: &str) -> anyhow::Result<std::borrow::Cow<'static, [u8]>> {
+    Ok(match module.strip_prefix("builtin:") {
         Some(name) => builtin::find(name)
             .with_context(|| format!("no bundled policy `{name}`"))?
             .into(),
-        None => std::fs::read(&config.module)
-            .with_context(|| format!("reading {}", config.module))?
+        None => std::fs::read(module)
+            .with_context(|| format!("reading {module}"))?
             .into(),
-    };
-    let name: Arc<str> = config.name.as_str().into();
-    let config_json: Arc<str> = serde_json::to_string(&config.config)?.into();
+    })
+}
+
+/// Compiles, initialises (and snapshots) a policy, then proves it on a
+/// trial request against the real fleet. Every failure names its cause.
+pub async fn load_policy(
+    runtime: &Runtime,
+    fleet: &Arc<Fleet>,
+    spec: PolicySpec<'_>,
+) -> anyhow::Result<LoadedPolicy> {
+    use sha2::Digest;
+    let name: Arc<str> = spec.name.into();
+    let config_json: Arc<str> = serde_json::to_string(spec.config)?.into();
     let prepared = runtime
         .prepare(
-            &bytes,
+            spec.bytes,
             CallContext {
                 fleet: fleet.clone(),
                 headers: Arc::new(HeaderMap::new()),
@@ -346,15 +442,73 @@ async fn load_one(
             },
         )
         .await?;
-    Ok(LoadedPolicy {
+    let policy = LoadedPolicy {
         name,
-        source: config.module.clone(),
-        on_error: config.on_error,
+        source: spec.source,
+        sha256: hex(&sha2::Sha256::digest(spec.bytes)),
+        on_error: spec.on_error,
         contract: prepared.contract,
         hooks: prepared.hooks,
         config_json,
         pre: prepared.pre,
-    })
+    };
+    if policy.hooks.request {
+        trial(runtime, fleet, &policy)
+            .await
+            .context("failed its trial request")?;
+    }
+    Ok(policy)
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs a shadow version on a copy of the request, off the request's path,
+/// and records whether it decided like the active version.
+fn run_shadow(
+    runtime: &Arc<Runtime>,
+    fleet: &Arc<Fleet>,
+    shadow: &Arc<Shadow>,
+    request: &PolicyRequest,
+    active: String,
+) {
+    let (runtime, fleet, shadow) = (runtime.clone(), fleet.clone(), shadow.clone());
+    let copy = PolicyRequest {
+        id: request.id,
+        endpoint: request.endpoint,
+        path: request.path.clone(),
+        head: request.head.clone(),
+        consumer: request.consumer.clone(),
+        headers: request.headers.clone(),
+        body: request.body.clone(),
+    };
+    tokio::spawn(async move {
+        let verdict = run_request_phase(&runtime, &fleet, &shadow.policy, &copy).await;
+        shadow.record(ShadowExample {
+            request_id: copy.id,
+            model: copy.head.model,
+            active,
+            shadow: summary(&verdict),
+        });
+    });
+}
+
+/// A decision in a few words, for comparing a shadow with the active policy.
+fn summary(verdict: &Result<Verdict, PolicyError>) -> String {
+    match verdict {
+        Ok(Verdict::Pass(None)) => "pass".into(),
+        Ok(Verdict::Pass(Some((head, _)))) => format!("pass (edited, model {})", head.model),
+        Ok(Verdict::Route(targets)) => {
+            let targets: Vec<String> = targets
+                .iter()
+                .map(|t| format!("{}:{}", t.backend.name, t.model))
+                .collect();
+            format!("route {}", targets.join(" > "))
+        }
+        Ok(Verdict::Reject(e)) => format!("reject {} {}", e.status().as_u16(), e.code()),
+        Err(e) => format!("error: {}", e.kind),
+    }
 }
 
 async fn trial(runtime: &Runtime, fleet: &Arc<Fleet>, policy: &LoadedPolicy) -> anyhow::Result<()> {

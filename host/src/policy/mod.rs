@@ -11,7 +11,10 @@ mod snapshot;
 use std::fmt;
 use std::sync::Arc;
 
-pub use chain::{Chain, Filtered, LoadedPolicy, PolicyRequest, Route, Target};
+pub use chain::{
+    hex, load_policy, module_bytes, Chain, ChainEntry, Filtered, LoadedPolicy, PolicyRequest,
+    PolicySpec, Route, Shadow, ShadowExample, ShadowStats, Target,
+};
 pub use runtime::Runtime;
 
 /// How a policy call failed. Callers branch on it: the policy's `on_error`

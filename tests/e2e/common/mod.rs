@@ -37,7 +37,9 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if !self.0.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
@@ -45,20 +47,47 @@ impl Drop for TempDir {
 pub struct Sluice {
     child: Child,
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     pub dir: TempDir,
+    env: Vec<(String, String)>,
 }
 
 impl Sluice {
-    /// Starts `sluice serve` with this config on an ephemeral port and waits
+    /// Starts `sluice serve` with this config on ephemeral ports and waits
     /// until it listens. Panics with its stderr if it does not start.
     pub fn start(config: &str) -> Sluice {
+        Sluice::start_with(config, &[])
+    }
+
+    /// [`Sluice::start`] with extra environment variables.
+    pub fn start_with(config: &str, env: &[(&str, &str)]) -> Sluice {
         let dir = TempDir::new();
-        let path = dir.write("sluice.toml", config);
-        let stderr = std::fs::File::create(dir.0.join("stderr.log")).unwrap();
+        dir.write("sluice.toml", config);
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Sluice::spawn(dir, env)
+    }
+
+    fn spawn(dir: TempDir, env: Vec<(String, String)>) -> Sluice {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.0.join("stderr.log"))
+            .unwrap();
         let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&path)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--config",
+            ])
+            .arg(dir.0.join("sluice.toml"))
             .env("RUST_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -66,14 +95,24 @@ impl Sluice {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            let mut admin = None;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("admin listening on http://") {
+                    admin = addr.parse::<SocketAddr>().ok();
+                }
                 if let Some(addr) = line.strip_prefix("sluice listening on http://") {
-                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                    let _ = tx.send((addr.parse::<SocketAddr>().unwrap(), admin.unwrap()));
                 }
             }
         });
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => Sluice { child, addr, dir },
+            Ok((addr, admin)) => Sluice {
+                child,
+                addr,
+                admin,
+                dir,
+                env,
+            },
             Err(_) => {
                 let _ = child.kill();
                 let log = std::fs::read_to_string(dir.0.join("stderr.log")).unwrap_or_default();
@@ -82,8 +121,27 @@ impl Sluice {
         }
     }
 
+    /// Stops the process and starts it again with the same config and
+    /// state directory.
+    pub fn restart(mut self) -> Sluice {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = TempDir(std::mem::take(&mut self.dir.0));
+        let env = std::mem::take(&mut self.env);
+        Sluice::spawn(dir, env)
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// The process id, to read its memory use.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// What the process wrote to stderr so far.
