@@ -85,7 +85,7 @@ fn main() -> anyhow::Result<()> {
         ])
         .map_err(anyhow::Error::msg)?,
     );
-    let runtime = Runtime::new(&PolicyRuntimeConfig::default())?;
+    let runtime = Arc::new(Runtime::new(&PolicyRuntimeConfig::default())?);
     let router = policy(
         "model-router",
         serde_json::json!({"aliases": {"glm4": "glm4-9b"}}),
@@ -109,6 +109,7 @@ fn main() -> anyhow::Result<()> {
         head: RequestHead {
             model: "glm4-9b".into(),
             stream: true,
+            include_usage: false,
         },
         consumer: None,
         headers: headers.clone(),

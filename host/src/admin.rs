@@ -20,6 +20,7 @@ const MAX_MODULE_BYTES: u64 = 64 << 20;
 pub struct Admin {
     pub deployer: Arc<Deployer>,
     pub token: Option<String>,
+    pub usage: Option<crate::usage::UsageStore>,
 }
 
 impl Admin {
@@ -58,6 +59,21 @@ impl Admin {
         let deployer = &self.deployer;
         match (&method, segments.as_slice()) {
             (&Method::GET, ["admin", "policies"]) => json(StatusCode::OK, &deployer.list().await),
+            (&Method::GET, ["admin", "usage"]) => {
+                let query = usage_query(request.uri().query().unwrap_or(""))?;
+                let Some(store) = self.usage.clone() else {
+                    return Err(GatewayError::Admin {
+                        status: StatusCode::NOT_FOUND,
+                        code: "usage_disabled",
+                        message: "Usage records are not kept (usage.disabled).".into(),
+                    });
+                };
+                let rows = tokio::task::spawn_blocking(move || store.query(&query))
+                    .await
+                    .map_err(|e| internal(e.to_string()))?
+                    .map_err(|e| internal(format!("{e:#}")))?;
+                json(StatusCode::OK, &serde_json::json!({"rows": rows}))
+            }
             (&Method::PUT, ["admin", "policies", name]) => {
                 let name = name.to_string();
                 let query = request.uri().query().unwrap_or("").to_string();
@@ -132,6 +148,49 @@ fn deploy_request(query: &str) -> Result<DeployRequest, GatewayError> {
         }
     }
     Ok(request)
+}
+
+/// `group_by=consumer,model,backend,day`, `from` and `to` in Unix
+/// milliseconds (`to` exclusive).
+fn usage_query(query: &str) -> Result<crate::usage::UsageQuery, GatewayError> {
+    let mut usage = crate::usage::UsageQuery::default();
+    let bad = |key: &str, message: String| GatewayError::BadRequest {
+        message: format!("Query parameter `{key}`: {message}."),
+        code: "invalid_parameter",
+        param: None,
+    };
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match key.as_ref() {
+            "group_by" => {
+                usage.group_by =
+                    crate::usage::parse_group_by(&value).map_err(|e| bad("group_by", e))?
+            }
+            "from" => {
+                usage.from_ms = Some(
+                    value
+                        .parse()
+                        .map_err(|_| bad("from", "not Unix milliseconds".into()))?,
+                )
+            }
+            "to" => {
+                usage.to_ms = Some(
+                    value
+                        .parse()
+                        .map_err(|_| bad("to", "not Unix milliseconds".into()))?,
+                )
+            }
+            other => return Err(bad(other, "unknown parameter".into())),
+        }
+    }
+    Ok(usage)
+}
+
+fn internal(message: String) -> GatewayError {
+    GatewayError::Admin {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        code: "internal_error",
+        message,
+    }
 }
 
 impl From<DeployError> for GatewayError {

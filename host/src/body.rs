@@ -10,7 +10,34 @@ use http::HeaderValue;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::accounting::Accounting;
 use crate::backends::Slot;
+
+/// Largest answer kept to read its `usage` when it ends.
+const MAX_TAPPED: usize = 8 << 20;
+
+/// Keeps a copy of a non-streamed answer (bounded) to account it when the
+/// body is dropped — hyper stops polling a body that says it has ended, so
+/// the drop is the one moment every ending shares.
+pub struct Tap {
+    bytes: Vec<u8>,
+    acct: Accounting,
+}
+
+impl Tap {
+    fn see(&mut self, data: &[u8]) {
+        if self.bytes.len() + data.len() <= MAX_TAPPED {
+            self.bytes.extend_from_slice(data);
+        }
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        // The accounting itself finishes right after, when it is dropped.
+        self.acct.on_answer(&self.bytes);
+    }
+}
 
 pub enum Body {
     Full(Option<Bytes>),
@@ -22,9 +49,8 @@ pub enum Body {
         inner: Incoming,
         /// Released when the stream ends or the client goes away.
         slot: Option<Slot>,
-        /// An event stream: a backend failure after the first byte ends it
-        /// with an error event and `[DONE]` instead of a cut connection.
-        sse: bool,
+        /// Sees the bytes as they pass, for the request's accounting.
+        tap: Option<Box<Tap>>,
     },
 }
 
@@ -37,12 +63,15 @@ impl Body {
         Body::full(serde_json::to_vec(value).unwrap_or_default())
     }
 
-    pub fn backend(first: Option<Bytes>, inner: Incoming, slot: Slot, sse: bool) -> Body {
+    pub fn backend(first: Option<Bytes>, inner: Incoming, slot: Slot, acct: Accounting) -> Body {
         Body::Backend {
             first,
             inner,
             slot: Some(slot),
-            sse,
+            tap: Some(Box::new(Tap {
+                bytes: Vec::new(),
+                acct,
+            })),
         }
     }
 
@@ -64,29 +93,35 @@ impl http_body::Body for Body {
                 first,
                 inner,
                 slot,
-                sse,
+                tap,
             } => {
                 if slot.is_none() {
                     return Poll::Ready(None);
                 }
                 if let Some(bytes) = first.take() {
+                    if let Some(tap) = tap {
+                        tap.see(&bytes);
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(bytes))));
                 }
                 match Pin::new(inner).poll_frame(cx) {
                     Poll::Ready(None) => {
                         slot.take();
+                        tap.take();
                         Poll::Ready(None)
                     }
                     Poll::Ready(Some(Err(e))) => {
                         slot.take();
-                        tracing::warn!(error = %e, "backend stream broke after the answer began");
-                        if *sse {
-                            Poll::Ready(Some(Ok(Frame::data(stream_error(&e.to_string())))))
-                        } else {
-                            Poll::Ready(Some(Err(e)))
-                        }
+                        tracing::warn!(error = %e, "backend answer broke off");
+                        Poll::Ready(Some(Err(e)))
                     }
-                    other => other,
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let (Some(tap), Some(data)) = (tap.as_mut(), frame.data_ref()) {
+                            tap.see(data);
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    Poll::Pending => Poll::Pending,
                 }
             }
         }

@@ -42,6 +42,8 @@ pub struct Config {
     #[serde(default)]
     pub policy_store: PolicyStoreConfig,
     #[serde(default)]
+    pub usage: UsageConfig,
+    #[serde(default)]
     pub backends: Vec<BackendConfig>,
     /// The policy chain, run in order for every request. Empty means the
     /// default chain: `builtin:model-router` with no configuration.
@@ -113,6 +115,29 @@ impl Default for PolicyRuntimeConfig {
             memory_limit: 64 << 20,
             max_instances: 1000,
             max_body_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Per-request usage records.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageConfig {
+    /// SQLite file for usage records. Default: `sluice-usage.db` next to
+    /// the config file.
+    pub database: Option<PathBuf>,
+    /// Keep no records on disk (metrics and the access log still count).
+    pub disabled: bool,
+    /// One structured log line per request (never the prompt text).
+    pub access_log: bool,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            database: None,
+            disabled: false,
+            access_log: true,
         }
     }
 }
@@ -222,6 +247,15 @@ impl Config {
             ),
         );
         store.watch_dir = store.watch_dir.take().map(|d| base.join(d));
+        let usage = &mut config.usage;
+        usage.database = Some(
+            base.join(
+                usage
+                    .database
+                    .take()
+                    .unwrap_or_else(|| "sluice-usage.db".into()),
+            ),
+        );
         config.server.admin_token_file =
             config.server.admin_token_file.take().map(|f| base.join(f));
         for policy in &mut config.policies {

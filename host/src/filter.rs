@@ -1,8 +1,11 @@
-//! Answers through the chain's response hooks. The host does the framing
-//! and the guest sees text: for a stream, each chunk's `delta.content` (or
-//! `text`) plus what was held back, holding back only as many characters as
-//! the policies asked for, so a word split across chunks is still seen whole
-//! and time to first token barely moves.
+//! Answers on their way back: through the chain's response hooks, and past
+//! the request's accounting. The host does the framing and the guest sees
+//! text: for a stream, each chunk's `delta.content` (or `text`) plus what
+//! was held back, holding back only as many characters as the policies
+//! asked for, so a word split across chunks is still seen whole and time to
+//! first token barely moves. Without response hooks a stream's events pass
+//! byte for byte, except the `usage` chunk the gateway asked for on the
+//! client's behalf, which is read and removed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,6 +16,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use crate::accounting::Accounting;
 use crate::backends::Fleet;
 use crate::body::Body;
 use crate::errors::GatewayError;
@@ -31,7 +35,11 @@ pub struct Filter {
     pub fleet: Arc<Fleet>,
     pub chain: Arc<Chain>,
     pub route: Route,
-    pub holdback: usize,
+    /// Characters the response hooks need held back; `None`: no hooks.
+    pub holdback: Option<usize>,
+    /// The client did not ask for the stream's `usage` chunk; the gateway
+    /// did, for its accounting, and removes it.
+    pub strip_usage: bool,
 }
 
 impl Filter {
@@ -45,8 +53,8 @@ impl Filter {
             .await
     }
 
-    /// Filters a streamed answer in a task that feeds the client's body.
-    pub fn stream(self, answer: Answer) -> Response<Body> {
+    /// Relays a streamed answer in a task that feeds the client's body.
+    pub fn stream(self, answer: Answer, acct: Accounting) -> Response<Body> {
         let Answer {
             mut parts,
             first,
@@ -60,7 +68,7 @@ impl Filter {
             // Dropping the backend's body at the end (or on a stop) closes
             // its connection and frees its slot.
             let _slot = slot;
-            self.pump(first, incoming, tx).await;
+            self.pump(first, incoming, tx, acct).await;
         });
         Response::from_parts(parts, Body::Channel(rx))
     }
@@ -70,9 +78,15 @@ impl Filter {
         first: Option<Bytes>,
         mut incoming: hyper::body::Incoming,
         tx: mpsc::Sender<Bytes>,
+        acct: Accounting,
     ) {
         let mut parser = sse::Parser::default();
-        let mut state = StreamState::default();
+        let mut state = StreamState {
+            pending: BTreeMap::new(),
+            envelope: None,
+            done: false,
+            acct,
+        };
         let mut next = first;
         loop {
             let bytes = match next.take() {
@@ -138,6 +152,12 @@ impl Filter {
         let Ok(mut chunk) = serde_json::from_str::<Value>(data) else {
             return (vec![event.raw], false);
         };
+        if state.acct.on_chunk(&chunk) && self.strip_usage {
+            return (Vec::new(), false);
+        }
+        let Some(holdback) = self.holdback else {
+            return (vec![event.raw], false);
+        };
         let Some(choices) = chunk.get_mut("choices").and_then(Value::as_array_mut) else {
             return (vec![event.raw], false);
         };
@@ -161,12 +181,16 @@ impl Filter {
             if text.is_empty() {
                 continue;
             }
-            match self.text(index, text, finished).await {
+            let original_len = text.len();
+            match self.text(index, text.clone(), finished).await {
                 Filtered::Text(filtered) => {
+                    if filtered.len() != original_len || filtered != text {
+                        state.acct.filtered();
+                    }
                     let (release, keep) = if finished {
                         (filtered, String::new())
                     } else {
-                        split_tail(filtered, self.holdback)
+                        split_tail(filtered, holdback)
                     };
                     if !keep.is_empty() {
                         state.pending.insert(index, keep);
@@ -174,6 +198,7 @@ impl Filter {
                     *text_field(&mut chunk["choices"][i], chat) = Value::String(release);
                 }
                 Filtered::Stop(error) => {
+                    state.acct.filtered();
                     tracing::info!(request = self.route.info.id, %error, "response filter stopped the stream");
                     return (
                         vec![
@@ -209,6 +234,7 @@ impl Filter {
                     out.push(sse::event(&chunk.to_string()));
                 }
                 Filtered::Stop(_) => {
+                    state.acct.filtered();
                     out.push(stop_chunk(&envelope, index, chat));
                     out.push(Bytes::from_static(sse::DONE));
                     return (out, true);
@@ -220,7 +246,11 @@ impl Filter {
 
     /// Filters a non-streamed answer: read whole (bounded), each choice's
     /// text through the filters, re-encoded.
-    pub async fn whole(self, answer: Answer) -> Result<Response<Body>, GatewayError> {
+    pub async fn whole(
+        self,
+        answer: Answer,
+        mut acct: Accounting,
+    ) -> Result<Response<Body>, GatewayError> {
         let Answer {
             mut parts,
             first,
@@ -247,6 +277,7 @@ impl Filter {
             }
         }
         drop(slot);
+        acct.on_answer(&bytes);
         let Ok(mut answer) = serde_json::from_slice::<Value>(&bytes) else {
             return Ok(Response::from_parts(parts, Body::full(bytes)));
         };
@@ -275,7 +306,6 @@ impl Filter {
     }
 }
 
-#[derive(Default)]
 struct StreamState {
     /// Text held back per choice index.
     pending: BTreeMap<u32, String>,
@@ -283,6 +313,8 @@ struct StreamState {
     /// host writes itself.
     envelope: Option<Value>,
     done: bool,
+    /// Finishes (on drop) when the relay ends, however it ends.
+    acct: Accounting,
 }
 
 fn envelope_of(chunk: &Value) -> Value {

@@ -5,6 +5,7 @@
 //! what routing needs, [`policy`] runs the guest chain, [`backends`] holds
 //! the fleet and its limits, [`proxy`] forwards and streams the answer.
 
+pub mod accounting;
 pub mod admin;
 pub mod admin_client;
 pub mod backends;

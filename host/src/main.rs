@@ -310,9 +310,11 @@ async fn serve(config: Config, admin_token: Option<String>) -> anyhow::Result<()
     let gateway = server::Gateway::new(&config).await?;
     let listener = server::bind(config.server.listen).await?;
     let admin_listener = server::bind(admin_addr).await?;
+    let usage = gateway.ledger.store.clone();
     let admin = Arc::new(Admin {
         deployer: gateway.deployer.clone(),
         token,
+        usage: usage.clone(),
     });
     if let Some(dir) = config.policy_store.watch_dir.clone() {
         tokio::spawn(
@@ -348,6 +350,12 @@ async fn serve(config: Config, admin_token: Option<String>) -> anyhow::Result<()
     };
     let (served, ()) = tokio::join!(data, signal);
     admin_task.await??;
+    if let Some(usage) = usage {
+        // Nothing recorded before the stop is lost on a clean shutdown.
+        if !usage.shutdown_async(Duration::from_secs(10)).await {
+            tracing::error!("usage records could not all be written before shutdown");
+        }
+    }
     served
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -25,12 +26,55 @@ pub struct PolicyFailureLabels {
     pub kind: &'static str,
 }
 
+/// `model` is the model that answered (one the fleet serves, so bounded),
+/// or "none" when nothing answered.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub model: String,
+    pub backend: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub model: String,
+    pub backend: String,
+    pub consumer: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
     registry: Registry,
     policy_seconds: HistogramFamily<PolicyLabels>,
     policy_failures: Family<PolicyFailureLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    tokens: Family<TokenLabels, Counter>,
+    ttft: HistogramFamily<ModelLabels>,
+    latency: HistogramFamily<ModelLabels>,
+    tokens_per_second: HistogramFamily<ModelLabels>,
+    in_flight: Family<BackendLabels, Gauge>,
+    healthy: Family<BackendLabels, Gauge>,
+}
+
+fn seconds_histogram() -> Histogram {
+    // 1 ms .. ~9 min.
+    Histogram::new(exponential_buckets(0.001, 2.0, 20))
+}
+
+fn rate_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 12))
 }
 
 fn policy_histogram() -> Histogram {
@@ -53,10 +97,60 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Policy calls that trapped, timed out, ran out of memory or decided something invalid",
         policy_failures.clone(),
     );
+    let requests = Family::<RequestLabels, Counter>::default();
+    let tokens = Family::<TokenLabels, Counter>::default();
+    let ttft: HistogramFamily<ModelLabels> = Family::new_with_constructor(seconds_histogram);
+    let latency: HistogramFamily<ModelLabels> = Family::new_with_constructor(seconds_histogram);
+    let tokens_per_second: HistogramFamily<ModelLabels> =
+        Family::new_with_constructor(rate_histogram);
+    let in_flight = Family::<BackendLabels, Gauge>::default();
+    let healthy = Family::<BackendLabels, Gauge>::default();
+    registry.register(
+        "sluice_requests",
+        "Proxied requests by answering model, backend and status",
+        requests.clone(),
+    );
+    registry.register(
+        "sluice_tokens",
+        "Tokens by model, backend, consumer and kind (prompt, completion)",
+        tokens.clone(),
+    );
+    registry.register(
+        "sluice_time_to_first_token_seconds",
+        "Time to the first token of streamed answers",
+        ttft.clone(),
+    );
+    registry.register(
+        "sluice_request_duration_seconds",
+        "Time from request to the answer's last byte",
+        latency.clone(),
+    );
+    registry.register(
+        "sluice_generation_tokens_per_second",
+        "Completion tokens per second after the first token",
+        tokens_per_second.clone(),
+    );
+    registry.register(
+        "sluice_backend_in_flight",
+        "Requests in flight per backend",
+        in_flight.clone(),
+    );
+    registry.register(
+        "sluice_backend_healthy",
+        "1 when the backend is in rotation",
+        healthy.clone(),
+    );
     Metrics {
         registry,
         policy_seconds,
         policy_failures,
+        requests,
+        tokens,
+        ttft,
+        latency,
+        tokens_per_second,
+        in_flight,
+        healthy,
     }
 });
 
@@ -88,6 +182,64 @@ impl Metrics {
                 kind,
             })
             .inc();
+    }
+
+    /// One finished request.
+    pub fn request(&self, record: &crate::usage::UsageRecord) {
+        let model = record
+            .model_answered
+            .clone()
+            .unwrap_or_else(|| "none".into());
+        let backend = record.backend.clone().unwrap_or_default();
+        self.requests
+            .get_or_create(&RequestLabels {
+                model: model.clone(),
+                backend: backend.clone(),
+                status: record.status,
+            })
+            .inc();
+        let consumer = record.consumer.clone().unwrap_or_default();
+        for (kind, count) in [
+            ("prompt", record.prompt_tokens),
+            ("completion", record.completion_tokens),
+        ] {
+            if count > 0 {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        model: model.clone(),
+                        backend: backend.clone(),
+                        consumer: consumer.clone(),
+                        kind,
+                    })
+                    .inc_by(count);
+            }
+        }
+        let labels = ModelLabels { model };
+        if let Some(ttft) = record.ttft_ms {
+            self.ttft.get_or_create(&labels).observe(ttft / 1000.0);
+        }
+        self.latency
+            .get_or_create(&labels)
+            .observe(record.latency_ms / 1000.0);
+        if let Some(rate) = record.tokens_per_second {
+            self.tokens_per_second.get_or_create(&labels).observe(rate);
+        }
+    }
+
+    /// The text exposition format, with the fleet's gauges read now.
+    pub fn render_with(&self, fleet: &crate::backends::Fleet) -> String {
+        for b in fleet.backends() {
+            let labels = BackendLabels {
+                backend: b.name.to_string(),
+            };
+            self.in_flight
+                .get_or_create(&labels)
+                .set(i64::from(b.in_flight()));
+            self.healthy
+                .get_or_create(&labels)
+                .set(i64::from(b.is_healthy()));
+        }
+        self.render()
     }
 
     /// The text exposition format.

@@ -44,6 +44,9 @@ pub struct MockConfig {
     pub token_interval: Duration,
     /// Length of an answer when `max_tokens` does not cut it short.
     pub answer_tokens: u32,
+    /// False: never report `usage`, asked or not (as llama.cpp's server
+    /// does in streams).
+    pub reports_usage: bool,
 }
 
 impl MockConfig {
@@ -55,6 +58,7 @@ impl MockConfig {
             first_token_delay: Duration::ZERO,
             token_interval: Duration::ZERO,
             answer_tokens: 16,
+            reports_usage: true,
         }
     }
 }
@@ -316,14 +320,16 @@ async fn generate(
             "text_completion"
         };
         drop(in_flight);
-        return json_response(
-            StatusCode::OK,
-            &json!({"id": id, "object": object, "created": now(), "model": model, "choices": [choice], "usage": usage}),
-        );
+        let mut answer = json!({"id": id, "object": object, "created": now(), "model": model, "choices": [choice], "usage": usage});
+        if !config.reports_usage {
+            answer.as_object_mut().map(|a| a.remove("usage"));
+        }
+        return json_response(StatusCode::OK, &answer);
     }
-    let include_usage = body["stream_options"]["include_usage"]
-        .as_bool()
-        .unwrap_or(false);
+    let include_usage = config.reports_usage
+        && body["stream_options"]["include_usage"]
+            .as_bool()
+            .unwrap_or(false);
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let shared = shared.clone();
     tokio::spawn(async move {

@@ -35,6 +35,8 @@ impl Endpoint {
 pub struct RequestHead {
     pub model: String,
     pub stream: bool,
+    /// The client asked for the final `usage` chunk of a stream.
+    pub include_usage: bool,
 }
 
 impl RequestHead {
@@ -45,6 +47,13 @@ impl RequestHead {
             model: Option<Cow<'a, str>>,
             #[serde(default)]
             stream: Option<bool>,
+            #[serde(default)]
+            stream_options: Option<StreamOptions>,
+        }
+        #[derive(Deserialize)]
+        struct StreamOptions {
+            #[serde(default)]
+            include_usage: Option<bool>,
         }
         let head: Head = serde_json::from_slice(body).map_err(|e| {
             use serde_json::error::Category;
@@ -63,6 +72,10 @@ impl RequestHead {
             Some(model) if !model.is_empty() => Ok(RequestHead {
                 model: model.into_owned(),
                 stream: head.stream.unwrap_or(false),
+                include_usage: head
+                    .stream_options
+                    .and_then(|o| o.include_usage)
+                    .unwrap_or(false),
             }),
             _ => Err(GatewayError::BadRequest {
                 message: "You must provide a model parameter.".into(),
@@ -82,6 +95,32 @@ pub fn with_model(body: &[u8], model: &str) -> Result<Bytes, serde_json::Error> 
     let raw = RawValue::from_string(encoded)?;
     fields.insert(Cow::Borrowed("model"), &raw);
     Ok(Bytes::from(serde_json::to_vec(&fields)?))
+}
+
+/// `body` asking for the final `usage` chunk of a stream
+/// (`stream_options.include_usage`), other stream options kept.
+pub fn with_include_usage(body: &[u8]) -> Result<Bytes, serde_json::Error> {
+    let mut fields: IndexMap<Cow<str>, &RawValue> = serde_json::from_slice(body)?;
+    let mut options: serde_json::Map<String, serde_json::Value> = match fields.get("stream_options")
+    {
+        Some(raw) => serde_json::from_str(raw.get()).unwrap_or_default(),
+        None => serde_json::Map::new(),
+    };
+    options.insert("include_usage".into(), serde_json::Value::Bool(true));
+    let raw = RawValue::from_string(serde_json::to_string(&options)?)?;
+    fields.insert(Cow::Borrowed("stream_options"), &raw);
+    Ok(Bytes::from(serde_json::to_vec(&fields)?))
+}
+
+impl Endpoint {
+    /// The name used in usage records and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat.completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
 }
 
 /// `GET /v1/models` in OpenAI's list shape.
@@ -107,7 +146,8 @@ mod tests {
             h,
             RequestHead {
                 model: "m".into(),
-                stream: true
+                stream: true,
+                include_usage: false
             }
         );
         let h = RequestHead::parse(br#"{"model":"m\u00e9","stream":null}"#).unwrap();
@@ -115,7 +155,8 @@ mod tests {
             h,
             RequestHead {
                 model: "mé".into(),
-                stream: false
+                stream: false,
+                include_usage: false
             }
         );
     }

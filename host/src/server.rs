@@ -18,6 +18,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+use crate::accounting::{Accounting, Ledger};
 use crate::backends::Fleet;
 use crate::body::Body;
 use crate::config::Config;
@@ -27,6 +28,7 @@ use crate::filter::Filter;
 use crate::openai::{self, Endpoint, RequestHead};
 use crate::policy::{Chain, PolicyRequest, Runtime};
 use crate::proxy::{Answer, Upstream};
+use crate::usage::{UsageStore, WriterOptions};
 use arc_swap::ArcSwap;
 
 /// Everything a request needs, shared by all connections.
@@ -38,6 +40,7 @@ pub struct Gateway {
     chain: Arc<ArcSwap<Chain>>,
     upstream: Upstream,
     max_body_bytes: u64,
+    pub ledger: Arc<Ledger>,
     next_id: AtomicU64,
     started_at: u64,
 }
@@ -58,6 +61,18 @@ impl Gateway {
             .await?,
         );
         let chain = deployer.chain().clone();
+        let store = match (&config.usage.database, config.usage.disabled) {
+            (Some(path), false) => Some(
+                UsageStore::open(path, WriterOptions::default())
+                    .with_context(|| format!("usage.database: opening {}", path.display()))?,
+            ),
+            _ => None,
+        };
+        tokio::task::spawn_blocking(crate::tokens::warm_up);
+        let ledger = Arc::new(Ledger {
+            store,
+            access_log: config.usage.access_log,
+        });
         let server = &config.server;
         Ok(Arc::new(Gateway {
             fleet,
@@ -66,6 +81,7 @@ impl Gateway {
             chain,
             upstream: Upstream::new(server.connect_timeout, server.response_timeout),
             max_body_bytes: server.max_body_bytes,
+            ledger,
             next_id: AtomicU64::new(1),
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -93,7 +109,7 @@ impl Gateway {
                     Ok(json_response(&serde_json::json!({"status": "ok"})))
                 }
                 (&Method::GET, "/metrics") => {
-                    let text = crate::metrics::metrics().render();
+                    let text = crate::metrics::metrics().render_with(&self.fleet);
                     let mut response = Response::new(Body::full(text));
                     response.headers_mut().insert(
                         header::CONTENT_TYPE,
@@ -115,8 +131,21 @@ impl Gateway {
         let (parts, body) = request.into_parts();
         let body = read_body(&parts.headers, body, self.max_body_bytes).await?;
         let head = RequestHead::parse(&body)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut acct = Accounting::start(
+            self.ledger.clone(),
+            id,
+            endpoint.name(),
+            &head.model,
+            head.stream,
+            None,
+            body.clone(),
+        );
+        // The client's own stream options decide what it sees; the gateway
+        // asks for usage regardless, to count exactly, and strips it again.
+        let strip_usage = head.stream && endpoint != Endpoint::Embeddings && !head.include_usage;
         let request = PolicyRequest {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            id,
             endpoint,
             path: parts.uri.path().to_string(),
             head,
@@ -125,43 +154,64 @@ impl Gateway {
             body,
         };
         let chain = self.chain.load_full();
-        let route = chain.decide(&self.runtime, &self.fleet, request).await?;
         let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let answer = self
-            .upstream
-            .forward(&self.runtime, &self.fleet, &chain, path_and_query, &route)
-            .await?;
-        let filtered = endpoint != Endpoint::Embeddings && answer.parts.status.is_success();
-        match chain.response_holdback() {
-            Some(holdback) if filtered => {
-                let filter = Filter {
-                    runtime: self.runtime.clone(),
-                    fleet: self.fleet.clone(),
-                    chain,
-                    route,
-                    holdback,
-                };
-                if answer.is_event_stream() {
-                    Ok(filter.stream(answer))
-                } else {
-                    filter.whole(answer).await
-                }
+        let answered = async {
+            let mut route = chain.decide(&self.runtime, &self.fleet, request).await?;
+            if strip_usage {
+                route.body = openai::with_include_usage(&route.body).map_err(|e| {
+                    GatewayError::bad_request(
+                        format!("The request body could not be rewritten: {e}."),
+                        "invalid_json",
+                    )
+                })?;
             }
-            _ => {
-                let sse = answer.is_event_stream();
-                let Answer {
-                    parts,
-                    first,
-                    incoming,
-                    slot,
-                    ..
-                } = answer;
-                Ok(Response::from_parts(
-                    parts,
-                    Body::backend(first, incoming, slot, sse),
-                ))
+            let answer = self
+                .upstream
+                .forward(&self.runtime, &self.fleet, &chain, path_and_query, &route)
+                .await?;
+            Ok::<_, GatewayError>((route, answer))
+        };
+        let (route, answer) = match answered.await {
+            Ok(answered) => answered,
+            Err(error) => {
+                acct.set_status(error.status().as_u16());
+                acct.finish();
+                return Err(error);
             }
+        };
+        acct.answered(
+            &answer.backend.name,
+            &answer.model,
+            answer.parts.status.as_u16(),
+        );
+        let holdback = chain
+            .response_holdback()
+            .filter(|_| endpoint != Endpoint::Embeddings);
+        let relay = Filter {
+            runtime: self.runtime.clone(),
+            fleet: self.fleet.clone(),
+            chain,
+            route,
+            holdback,
+            strip_usage,
+        };
+        if answer.is_event_stream() {
+            return Ok(relay.stream(answer, acct));
         }
+        if holdback.is_some() && answer.parts.status.is_success() {
+            return relay.whole(answer, acct).await;
+        }
+        let Answer {
+            parts,
+            first,
+            incoming,
+            slot,
+            ..
+        } = answer;
+        Ok(Response::from_parts(
+            parts,
+            Body::backend(first, incoming, slot, acct),
+        ))
     }
 }
 

@@ -11,26 +11,6 @@ use sluice::mock::Flavor;
 
 use crate::common::*;
 
-/// The `data:` payloads of an SSE body, in order.
-fn events(text: &str) -> Vec<String> {
-    text.split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: "))
-        .map(str::to_string)
-        .collect()
-}
-
-fn content(events: &[String]) -> String {
-    events
-        .iter()
-        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect()
-}
-
 fn words_policy(config: &str) -> String {
     format!(
         "[[policies]]\nname = \"words\"\nmodule = \"builtin:sensitive-words\"\nconfig = {config}\n"

@@ -9,3 +9,4 @@ mod errors;
 mod guard;
 mod routing;
 mod streaming;
+mod usage;

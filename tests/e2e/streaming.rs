@@ -9,27 +9,6 @@ use sluice::mock::Flavor;
 
 use crate::common::*;
 
-/// The `data:` payloads of an SSE body, in order.
-fn events(text: &str) -> Vec<String> {
-    text.split("\n\n")
-        .filter_map(|event| event.strip_prefix("data: "))
-        .map(str::to_string)
-        .collect()
-}
-
-fn content(events: &[String]) -> String {
-    events
-        .iter()
-        .filter(|e| *e != "[DONE]")
-        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect()
-}
-
 async fn first_chunk_arrives_early(flavor: Flavor) {
     // Ten tokens 100 ms apart: the backend needs about a second.
     let vm01 = mock_with(paced("vm01", &["m"], flavor, 100, 10)).await;

@@ -529,6 +529,7 @@ async fn trial(runtime: &Runtime, fleet: &Arc<Fleet>, policy: &LoadedPolicy) -> 
         head: RequestHead {
             model,
             stream: false,
+            include_usage: false,
         },
         consumer: None,
         headers: Arc::new(HeaderMap::new()),

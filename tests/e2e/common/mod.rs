@@ -139,6 +139,14 @@ impl Sluice {
         format!("http://{}{path}", self.admin)
     }
 
+    /// Sends SIGTERM and waits for the process to exit; its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().unwrap()
+    }
+
     /// The process id, to read its memory use.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -245,4 +253,25 @@ pub async fn expect_error(
     assert!(error["type"].as_str().is_some(), "{body}");
     assert_eq!(error["code"], code, "{body}");
     body
+}
+
+/// The `data:` payloads of an SSE body, in order.
+pub fn events(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter_map(|event| event.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The text of a streamed chat answer, from its events.
+pub fn content(events: &[String]) -> String {
+    events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
 }

@@ -1,0 +1,245 @@
+//! Accounting of one request, from arrival to the last byte of its answer:
+//! tokens (as the backend reported them, or counted with a tokenizer and
+//! marked estimated), time to first token, latency, tokens per second. When
+//! the request ends — or the client goes away — the record goes to the
+//! usage store, the metrics and the access log, never blocking the request.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::metrics::metrics;
+use crate::usage::{now_ms, UsageRecord, UsageStore};
+
+/// Answer text kept for estimating tokens when a backend reports none.
+const MAX_ANSWER_TEXT: usize = 4 << 20;
+
+/// Where records go.
+#[derive(Clone)]
+pub struct Ledger {
+    pub store: Option<UsageStore>,
+    /// One structured log line per request (no prompt text).
+    pub access_log: bool,
+}
+
+pub struct Accounting {
+    ledger: Arc<Ledger>,
+    record: UsageRecord,
+    started: Instant,
+    first_token: Option<Instant>,
+    reported: Option<(u64, u64)>,
+    answer_text: String,
+    request_body: Bytes,
+    finished: bool,
+}
+
+impl Accounting {
+    pub fn start(
+        ledger: Arc<Ledger>,
+        request_id: u64,
+        endpoint: &str,
+        model: &str,
+        stream: bool,
+        consumer: Option<String>,
+        body: Bytes,
+    ) -> Accounting {
+        Accounting {
+            ledger,
+            record: UsageRecord {
+                at_ms: now_ms(),
+                request_id,
+                consumer,
+                endpoint: endpoint.to_string(),
+                model_requested: model.to_string(),
+                model_answered: None,
+                backend: None,
+                status: 0,
+                stream,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                estimated: false,
+                ttft_ms: None,
+                latency_ms: 0.0,
+                tokens_per_second: None,
+                filtered: false,
+                fell_back: false,
+            },
+            started: Instant::now(),
+            first_token: None,
+            reported: None,
+            answer_text: String::new(),
+            request_body: body,
+            finished: false,
+        }
+    }
+
+    /// A backend answered with `status`.
+    pub fn answered(&mut self, backend: &str, model: &str, status: u16) {
+        self.record.backend = Some(backend.to_string());
+        self.record.fell_back = model != self.record.model_requested;
+        self.record.model_answered = Some(model.to_string());
+        self.record.status = status;
+    }
+
+    pub fn set_status(&mut self, status: u16) {
+        self.record.status = status;
+    }
+
+    pub fn filtered(&mut self) {
+        self.record.filtered = true;
+    }
+
+    /// Looks at one streamed chunk: the first text marks the first token,
+    /// `usage` is what the backend reports. True when the chunk is the
+    /// usage-only chunk (`choices` empty).
+    pub fn on_chunk(&mut self, chunk: &Value) -> bool {
+        if let Some(choices) = chunk["choices"].as_array() {
+            for choice in choices {
+                let text = choice["delta"]["content"]
+                    .as_str()
+                    .or(choice["text"].as_str())
+                    .unwrap_or("");
+                if !text.is_empty() {
+                    self.first_token.get_or_insert_with(Instant::now);
+                    self.keep_text(text);
+                }
+            }
+        }
+        self.note_usage(&chunk["usage"]);
+        chunk["choices"].as_array().is_some_and(Vec::is_empty) && chunk["usage"].is_object()
+    }
+
+    /// Looks at a whole (non-streamed) answer.
+    pub fn on_answer(&mut self, answer: &[u8]) {
+        let Ok(answer) = serde_json::from_slice::<Value>(answer) else {
+            return;
+        };
+        if let Some(choices) = answer["choices"].as_array() {
+            for choice in choices {
+                if let Some(text) = choice["message"]["content"]
+                    .as_str()
+                    .or(choice["text"].as_str())
+                {
+                    self.keep_text(text);
+                }
+            }
+        }
+        self.note_usage(&answer["usage"]);
+    }
+
+    fn keep_text(&mut self, text: &str) {
+        if self.answer_text.len() + text.len() <= MAX_ANSWER_TEXT {
+            self.answer_text.push_str(text);
+        }
+    }
+
+    fn note_usage(&mut self, usage: &Value) {
+        if let (Some(prompt), completion) = (
+            usage["prompt_tokens"].as_u64(),
+            usage["completion_tokens"].as_u64(),
+        ) {
+            self.reported = Some((prompt, completion.unwrap_or(0)));
+        }
+    }
+
+    /// Ends the request's accounting (also done on drop, e.g. when the
+    /// client disconnects mid-stream).
+    pub fn finish(mut self) {
+        self.close();
+    }
+
+    fn close(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        let now = Instant::now();
+        let mut record = self.record.clone();
+        record.latency_ms = ms(now - self.started);
+        record.ttft_ms = self.first_token.map(|t| ms(t - self.started));
+        let generation = self.first_token.map(|t| now - t);
+        let ledger = self.ledger.clone();
+        match self.reported {
+            Some((prompt, completion)) => {
+                record.prompt_tokens = prompt;
+                record.completion_tokens = completion;
+                settle(&ledger, record, generation);
+            }
+            None if record.status >= 400 || record.status == 0 => {
+                settle(&ledger, record, generation)
+            }
+            None => {
+                // Counting a multi-MiB prompt takes real CPU: never on the
+                // executor's threads.
+                let body = std::mem::take(&mut self.request_body);
+                let text = std::mem::take(&mut self.answer_text);
+                let endpoint_embeddings = record.endpoint == "embeddings";
+                let handle = tokio::runtime::Handle::try_current();
+                let count = move || {
+                    let mut record = record;
+                    if let Ok(body) = serde_json::from_slice::<Value>(&body) {
+                        record.prompt_tokens = crate::tokens::count_prompt(&body);
+                    }
+                    if !endpoint_embeddings {
+                        record.completion_tokens = crate::tokens::count_answer_text(&text);
+                    }
+                    record.estimated = true;
+                    settle(&ledger, record, generation);
+                };
+                match handle {
+                    Ok(handle) => drop(handle.spawn_blocking(count)),
+                    Err(_) => count(),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Accounting {
+    fn drop(&mut self) {
+        if !self.finished && self.record.status == 0 {
+            // The client went away before an answer: 499, as nginx says.
+            self.record.status = 499;
+        }
+        self.close();
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Metrics, the access log line, and the usage store.
+fn settle(ledger: &Ledger, mut record: UsageRecord, generation: Option<std::time::Duration>) {
+    if let Some(generation) = generation.filter(|g| !g.is_zero() && record.completion_tokens > 1) {
+        record.tokens_per_second = Some(record.completion_tokens as f64 / generation.as_secs_f64());
+    }
+    metrics().request(&record);
+    if ledger.access_log {
+        tracing::info!(
+            target: "sluice::access",
+            request_id = record.request_id,
+            endpoint = %record.endpoint,
+            model = %record.model_requested,
+            model_answered = record.model_answered.as_deref().unwrap_or(""),
+            backend = record.backend.as_deref().unwrap_or(""),
+            consumer = record.consumer.as_deref().unwrap_or(""),
+            status = record.status,
+            stream = record.stream,
+            prompt_tokens = record.prompt_tokens,
+            completion_tokens = record.completion_tokens,
+            estimated = record.estimated,
+            ttft_ms = record.ttft_ms.unwrap_or(0.0),
+            latency_ms = record.latency_ms,
+            tokens_per_second = record.tokens_per_second.unwrap_or(0.0),
+            filtered = record.filtered,
+            fell_back = record.fell_back,
+            "request"
+        );
+    }
+    if let Some(store) = &ledger.store {
+        store.record(record);
+    }
+}
