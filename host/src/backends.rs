@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Uri};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::BackendConfig;
 
@@ -72,6 +73,9 @@ pub struct Backend {
     /// `Authorization` to send to this backend, if it wants one.
     pub authorization: Option<HeaderValue>,
     in_flight: AtomicU32,
+    /// Permits for `max_concurrent_requests`: waiting is first come, first
+    /// served. `None` when the backend has no limit.
+    limit: Option<Arc<Semaphore>>,
     latency_us: AtomicU32,
     consecutive_failures: AtomicU32,
     /// Milliseconds since `clock` until which the backend is ejected.
@@ -96,6 +100,8 @@ impl Backend {
             url: BackendUrl::parse(&config.url)?,
             authorization,
             in_flight: AtomicU32::new(0),
+            limit: (config.max_concurrent_requests > 0)
+                .then(|| Arc::new(Semaphore::new(config.max_concurrent_requests as usize))),
             latency_us: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),
             down_until_ms: AtomicU64::new(0),
@@ -120,13 +126,21 @@ impl Backend {
     /// Takes one of the backend's concurrency slots, or `None` when it is at
     /// `max_concurrent_requests`. The slot is given back when dropped.
     pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
-        let max = self.max_concurrent;
-        let taken = self
-            .in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                (max == 0 || n < max).then_some(n + 1)
-            });
-        taken.ok().map(|_| Slot(self.clone()))
+        let permit = match &self.limit {
+            // Fails while others wait in line: no overtaking the queue.
+            Some(limit) => Some(limit.clone().try_acquire_owned().ok()?),
+            None => None,
+        };
+        Some(Slot::new(self.clone(), permit))
+    }
+
+    /// Waits in line (first come, first served) for a slot.
+    pub async fn acquire(self: &Arc<Self>) -> Slot {
+        let permit = match &self.limit {
+            Some(limit) => limit.clone().acquire_owned().await.ok(),
+            None => None,
+        };
+        Slot::new(self.clone(), permit)
     }
 
     /// The backend answered (any status below 500) after `latency`.
@@ -157,18 +171,29 @@ impl Backend {
     }
 }
 
-/// One request's claim on a backend's concurrency.
-pub struct Slot(Arc<Backend>);
+/// One request's claim on a backend's concurrency, given back on drop.
+pub struct Slot {
+    backend: Arc<Backend>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
 
 impl Slot {
+    fn new(backend: Arc<Backend>, permit: Option<OwnedSemaphorePermit>) -> Slot {
+        backend.in_flight.fetch_add(1, Ordering::AcqRel);
+        Slot {
+            backend,
+            _permit: permit,
+        }
+    }
+
     pub fn backend(&self) -> &Arc<Backend> {
-        &self.0
+        &self.backend
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.backend.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -70,6 +70,12 @@ pub struct ServerConfig {
     /// On shutdown, how long in-flight requests and streams may take to end.
     #[serde(deserialize_with = "de_duration")]
     pub shutdown_timeout: Duration,
+    /// Requests waiting for a slot when every backend the policy chose is at
+    /// its `max_concurrent_requests`; beyond this they get 503 at once.
+    pub max_queue: usize,
+    /// How long a request waits in that queue before 503.
+    #[serde(deserialize_with = "de_duration")]
+    pub queue_timeout: Duration,
     /// Address of the admin API (deploys, usage), separate from the data
     /// plane. Without an admin token it must be a loopback address.
     pub admin_listen: SocketAddr,
@@ -85,6 +91,8 @@ impl Default for ServerConfig {
             connect_timeout: Duration::from_secs(3),
             response_timeout: Duration::from_secs(120),
             shutdown_timeout: Duration::from_secs(30),
+            max_queue: 1024,
+            queue_timeout: Duration::from_secs(30),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             admin_token_file: None,
         }

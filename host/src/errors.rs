@@ -46,6 +46,10 @@ pub enum GatewayError {
     BackendTimeout { backend: String, timeout: Duration },
     #[error("Backend `{backend}` answered with status {status}.")]
     BackendStatus { backend: String, status: StatusCode },
+    #[error("Every backend for model `{model}` is busy and {waiting} requests already wait; retry later.")]
+    QueueFull { model: String, waiting: usize },
+    #[error("Every backend for model `{model}` stayed busy for {waited:?}; retry later.")]
+    QueueTimeout { model: String, waited: Duration },
     #[error("The admin API needs a valid `Authorization: Bearer` token.")]
     AdminUnauthorized,
     /// An admin operation refused (bad module, unknown policy, conflict).
@@ -74,7 +78,11 @@ impl GatewayError {
             NotFound(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Rejected { status, .. } => *status,
-            Policy(_) | NoRoute { .. } | NoBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Policy(_)
+            | NoRoute { .. }
+            | NoBackend { .. }
+            | QueueFull { .. }
+            | QueueTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             BackendUnreachable { .. } | BackendStatus { .. } => StatusCode::BAD_GATEWAY,
             AdminUnauthorized => StatusCode::UNAUTHORIZED,
             Admin { status, .. } => *status,
@@ -99,6 +107,8 @@ impl GatewayError {
             BackendTimeout { .. } => "backend_timeout",
             BackendStatus { .. } => "backend_error",
             AdminUnauthorized => "invalid_admin_token",
+            QueueFull { .. } => "queue_full",
+            QueueTimeout { .. } => "queue_timeout",
             Admin { code, .. } => code,
         }
     }
@@ -131,6 +141,14 @@ impl GatewayError {
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, Body::JSON);
+        if matches!(
+            self,
+            GatewayError::QueueFull { .. } | GatewayError::QueueTimeout { .. }
+        ) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         if status == StatusCode::METHOD_NOT_ALLOWED {
             response
                 .headers_mut()

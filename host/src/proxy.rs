@@ -5,6 +5,7 @@
 //! another backend or model.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -91,10 +92,19 @@ enum Attempt {
 pub struct Upstream {
     client: Client<HttpConnector, Full<Bytes>>,
     response_timeout: Duration,
+    /// Requests waiting for a slot right now, and the bounds on that queue.
+    waiting: AtomicUsize,
+    max_queue: usize,
+    queue_timeout: Duration,
 }
 
 impl Upstream {
-    pub fn new(connect_timeout: Duration, response_timeout: Duration) -> Upstream {
+    pub fn new(
+        connect_timeout: Duration,
+        response_timeout: Duration,
+        max_queue: usize,
+        queue_timeout: Duration,
+    ) -> Upstream {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(connect_timeout));
         connector.set_nodelay(true);
@@ -104,6 +114,9 @@ impl Upstream {
         Upstream {
             client,
             response_timeout,
+            waiting: AtomicUsize::new(0),
+            max_queue,
+            queue_timeout,
         }
     }
 
@@ -129,17 +142,32 @@ impl Upstream {
         let mut bodies = Bodies::new(&route.body, &route.info.model);
         let mut attempts = 0;
         let mut last: Option<(GatewayError, Option<Answer>)> = None;
-        while let Some(target) = queue.pop_front() {
+        // Targets found at their limit, to wait for when nothing else is left.
+        let mut full: Vec<Target> = Vec::new();
+        loop {
+            let (target, slot) = match queue.pop_front() {
+                Some(target) => (target, None),
+                None if !full.is_empty() => {
+                    let (target, slot) = self
+                        .wait_for_slot(std::mem::take(&mut full), &route.info.model)
+                        .await?;
+                    (target, Some(slot))
+                }
+                None => break,
+            };
             if attempts >= MAX_ATTEMPTS {
                 break;
             }
             let body = bodies.for_model(&target.model)?;
             let (kind, error, answer) = match self
-                .attempt(&target, path_and_query, &route.headers, body)
+                .attempt(&target, slot, path_and_query, &route.headers, body)
                 .await
             {
                 Attempt::Answered(answer) => return Ok(answer),
-                Attempt::Full => continue,
+                Attempt::Full => {
+                    full.push(target);
+                    continue;
+                }
                 Attempt::Failed {
                     kind,
                     error,
@@ -181,17 +209,47 @@ impl Upstream {
         }
     }
 
-    /// One attempt on one target: a slot, the request, the response headers
-    /// and the first body frame, all within `response_timeout`.
+    /// Waits in line, first come first served, for a slot on whichever of
+    /// `targets` frees one first — bounded by `max_queue` and
+    /// `queue_timeout`.
+    async fn wait_for_slot(
+        &self,
+        targets: Vec<Target>,
+        model: &str,
+    ) -> Result<(Target, Slot), GatewayError> {
+        let waiting = self.waiting.fetch_add(1, AtomicOrdering::AcqRel);
+        let _leave = Leave(&self.waiting);
+        if waiting >= self.max_queue {
+            return Err(GatewayError::QueueFull {
+                model: model.to_string(),
+                waiting,
+            });
+        }
+        let lines = targets.iter().map(|t| Box::pin(t.backend.acquire()));
+        match tokio::time::timeout(self.queue_timeout, futures_util::future::select_all(lines))
+            .await
+        {
+            Ok((slot, index, _)) => Ok((targets[index].clone(), slot)),
+            Err(_) => Err(GatewayError::QueueTimeout {
+                model: model.to_string(),
+                waited: self.queue_timeout,
+            }),
+        }
+    }
+
+    /// One attempt on one target: a slot (the one waited for, or one free
+    /// now), the request, the response headers and the first body frame,
+    /// all within `response_timeout`.
     async fn attempt(
         &self,
         target: &Target,
+        slot: Option<Slot>,
         path_and_query: &str,
         headers: &HeaderMap,
         body: Bytes,
     ) -> Attempt {
         let backend = &target.backend;
-        let Some(slot) = backend.try_acquire() else {
+        let Some(slot) = slot.or_else(|| backend.try_acquire()) else {
             return Attempt::Full;
         };
         let failed = |kind, error| Attempt::Failed {
@@ -275,6 +333,15 @@ impl Upstream {
         }
         backend.record_success(started.elapsed());
         Attempt::Answered(answer)
+    }
+}
+
+/// Leaves the queue's count when the wait ends, however it ends.
+struct Leave<'a>(&'a AtomicUsize);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, AtomicOrdering::AcqRel);
     }
 }
 

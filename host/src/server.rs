@@ -79,7 +79,12 @@ impl Gateway {
             runtime,
             deployer,
             chain,
-            upstream: Upstream::new(server.connect_timeout, server.response_timeout),
+            upstream: Upstream::new(
+                server.connect_timeout,
+                server.response_timeout,
+                server.max_queue,
+                server.queue_timeout,
+            ),
             max_body_bytes: server.max_body_bytes,
             ledger,
             next_id: AtomicU64::new(1),

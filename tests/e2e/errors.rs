@@ -2,6 +2,7 @@
 //! status, and nothing reaches a backend that should not.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use serde_json::json;
 use sluice::mock::Flavor;
@@ -183,16 +184,15 @@ async fn hung_backend_is_504() {
     assert!(started.elapsed() < std::time::Duration::from_secs(3));
 }
 
-/// With its only backend at `max_concurrent_requests`, a request is refused
-/// rather than overloading the GPU.
+/// With its only backend at `max_concurrent_requests`, a request waits in
+/// line; past `queue_timeout` it gets 503 with `Retry-After`, and past
+/// `max_queue` it gets that at once. The GPU is never overloaded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn full_backend_is_503() {
+async fn a_full_backend_queues_within_bounds() {
     let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 100, 10)).await;
-    let sluice = Sluice::start(&backend(
-        "vm01",
-        &vm01.url(),
-        &["m"],
-        "max_concurrent_requests = 1",
+    let sluice = Sluice::start(&format!(
+        "[server]\nqueue_timeout = \"300ms\"\nmax_queue = 1\n{}",
+        backend("vm01", &vm01.url(), &["m"], "max_concurrent_requests = 1")
     ));
     let client = client();
     let mut body = chat("m");
@@ -204,13 +204,24 @@ async fn full_backend_is_503() {
         .await
         .unwrap();
     assert_eq!(holding.status(), 200);
+
+    let waiter = {
+        let (client, url) = (client.clone(), sluice.url("/v1/chat/completions"));
+        tokio::spawn(async move { client.post(url).json(&chat("m")).send().await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let refused = client
         .post(sluice.url("/v1/chat/completions"))
         .json(&chat("m"))
         .send()
         .await
         .unwrap();
-    expect_error(refused, 503, "no_backend_available").await;
+    assert_eq!(refused.headers()["retry-after"], "1");
+    expect_error(refused, 503, "queue_full").await;
+    let timed_out = waiter.await.unwrap();
+    assert_eq!(timed_out.headers()["retry-after"], "1");
+    expect_error(timed_out, 503, "queue_timeout").await;
+
     // The slot comes back when the stream ends.
     holding.text().await.unwrap();
     let response = client
@@ -221,6 +232,40 @@ async fn full_backend_is_503() {
         .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(vm01.stats.max_in_flight.load(Ordering::SeqCst), 1);
+}
+
+/// Twenty slow streams over two backends limited to two each: never more
+/// than two in flight per backend (measured at the backends), the rest wait
+/// in line, and all of them complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_streams_queue_behind_two_slots_each() {
+    let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 20, 8)).await;
+    let vm02 = mock_with(paced("vm02", &["m"], Flavor::Ollama, 20, 8)).await;
+    let sluice = Sluice::start(&format!(
+        "{}{}",
+        backend("vm01", &vm01.url(), &["m"], "max_concurrent_requests = 2"),
+        backend("vm02", &vm02.url(), &["m"], "max_concurrent_requests = 2")
+    ));
+    let client = client();
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        let (client, url) = (client.clone(), sluice.url("/v1/chat/completions"));
+        streams.push(tokio::spawn(async move {
+            let mut body = chat("m");
+            body["stream"] = json!(true);
+            let response = client.post(url).json(&body).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.text().await.unwrap()
+        }));
+    }
+    for stream in streams {
+        assert!(stream.await.unwrap().ends_with("data: [DONE]\n\n"));
+    }
+    assert!(vm01.stats.max_in_flight.load(Ordering::SeqCst) <= 2);
+    assert!(vm02.stats.max_in_flight.load(Ordering::SeqCst) <= 2);
+    let served =
+        vm01.stats.requests.load(Ordering::SeqCst) + vm02.stats.requests.load(Ordering::SeqCst);
+    assert_eq!(served, 20);
 }
 
 /// A backend's own error status goes to the client unchanged.

@@ -81,6 +81,7 @@ pub struct Route {
     pub body: Bytes,
 }
 
+#[derive(Clone)]
 pub struct Target {
     pub backend: Arc<Backend>,
     /// The model to send to this backend.
