@@ -26,6 +26,10 @@ pub struct Admin {
 impl Admin {
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
         if !self.authorized(&request) {
+            // Read the upload before refusing it: answering mid-upload makes
+            // the connection close under the client, which then sees a reset
+            // instead of the 401.
+            drain(request.into_body(), MAX_MODULE_BYTES).await;
             let mut response = GatewayError::AdminUnauthorized.into_response();
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -104,6 +108,18 @@ impl Admin {
                 json(StatusCode::OK, &serde_json::json!({"discarded": name}))
             }
             _ => Err(GatewayError::NotFound(path)),
+        }
+    }
+}
+
+/// Reads and discards a request body, up to `limit` bytes.
+async fn drain(mut body: Incoming, limit: u64) {
+    use http_body_util::BodyExt;
+    let mut read = 0u64;
+    while let Some(Ok(frame)) = body.frame().await {
+        read += frame.data_ref().map_or(0, |d| d.len() as u64);
+        if read > limit {
+            break;
         }
     }
 }

@@ -592,15 +592,17 @@ fn seed_entries(configs: &[PolicyConfig], state_dir: Option<&Path>) -> anyhow::R
         .map(|config| {
             let bytes = policy::module_bytes(&config.module)?;
             let sha256 = policy::hex(&sha2::Sha256::digest(&bytes));
-            let module = if config.module.starts_with("builtin:") {
-                config.module.clone()
-            } else {
-                if let Some(dir) = state_dir {
+            // Builtins stay names; files are copied into the state directory,
+            // or, without one, referred to where they are.
+            let module = match state_dir {
+                _ if config.module.starts_with("builtin:") => config.module.clone(),
+                Some(dir) => {
                     let modules = dir.join("modules");
                     std::fs::create_dir_all(&modules)?;
                     std::fs::write(modules.join(format!("{sha256}.wasm")), &bytes)?;
+                    format!("sha256:{sha256}")
                 }
-                format!("sha256:{sha256}")
+                None => config.module.clone(),
             };
             let source = if config.module.starts_with("builtin:") {
                 config.module.clone()

@@ -239,7 +239,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::CheckConfig { config: path } => {
-            let config = Config::load(&path)?;
+            let mut config = Config::load(&path)?;
+            // Check the file's own policies, and write nothing next to it.
+            config.policy_store.state_dir = None;
+            config.usage.disabled = true;
             let gateway = server::Gateway::new(&config).await?;
             println!(
                 "{}: ok ({} backends, {} models, policies: {})",

@@ -27,6 +27,15 @@ fn check_config_accepts_a_good_file() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(String::from_utf8_lossy(&output.stdout).contains("ok"));
+    let written: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        written,
+        ["sluice.toml"],
+        "check-config wrote files beside the config"
+    );
 }
 
 #[test]
