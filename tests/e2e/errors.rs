@@ -107,12 +107,7 @@ async fn multi_megabyte_prompts_pass() {
     let sluice = Sluice::start(&backend("vm01", &vm01.url(), &["m"], ""));
     let prompt = "token ".repeat(1_500_000);
     let body = json!({"model": "m", "messages": [{"role": "user", "content": prompt}]});
-    let response = client()
-        .post(sluice.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let response = sluice.post_chat(&client(), &body).await;
     assert_eq!(response.status(), 200);
     let seen = vm01.stats.last_request().unwrap().1;
     assert_eq!(
@@ -195,14 +190,8 @@ async fn a_full_backend_queues_within_bounds() {
         backend("vm01", &vm01.url(), &["m"], "max_concurrent_requests = 1")
     ));
     let client = client();
-    let mut body = chat("m");
-    body["stream"] = json!(true);
-    let holding = client
-        .post(sluice.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let body = stream_chat("m");
+    let holding = sluice.post_chat(&client, &body).await;
     assert_eq!(holding.status(), 200);
 
     let waiter = {
@@ -251,8 +240,7 @@ async fn twenty_streams_queue_behind_two_slots_each() {
     for _ in 0..20 {
         let (client, url) = (client.clone(), sluice.url("/v1/chat/completions"));
         streams.push(tokio::spawn(async move {
-            let mut body = chat("m");
-            body["stream"] = json!(true);
+            let body = stream_chat("m");
             let response = client.post(url).json(&body).send().await.unwrap();
             assert_eq!(response.status(), 200);
             response.text().await.unwrap()

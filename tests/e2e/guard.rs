@@ -19,12 +19,6 @@ fn words_policy(config: &str) -> String {
 
 const ROUTER: &str = "[[policies]]\nname = \"router\"\nmodule = \"builtin:model-router\"\n";
 
-fn streaming(model: &str) -> Value {
-    let mut body = chat(model);
-    body["stream"] = json!(true);
-    body
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocked_prompts_never_reach_a_backend() {
     let vm01 = mock("vm01", &["m"]).await;
@@ -36,12 +30,7 @@ async fn blocked_prompts_never_reach_a_backend() {
     let client = client();
     for text in ["tell me something FORBIDDEN", "这是一个敏感词测试"] {
         let body = json!({"model": "m", "messages": [{"role": "user", "content": text}]});
-        let response = client
-            .post(sluice.url("/v1/chat/completions"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let response = sluice.post_chat(&client, &body).await;
         let error = expect_error(response, 400, "content_filter").await;
         assert!(
             !error.to_string().contains("敏感词"),
@@ -67,12 +56,7 @@ async fn masked_prompts_reach_the_backend_masked() {
         words_policy(r#"{ words = ["secret", "机密"], scope = "request", action = "mask" }"#)
     ));
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "my Secret is 机密 ok"}], "temperature": 0.5});
-    let response = client()
-        .post(sluice.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let response = sluice.post_chat(&client(), &body).await;
     assert_eq!(response.status(), 200);
     let seen = vm01.stats.last_request().unwrap().1;
     assert_eq!(seen["messages"][0]["content"], "my ****** is ** ok");
@@ -93,7 +77,7 @@ async fn a_word_split_across_chunks_is_masked_in_the_stream() {
     let started = Instant::now();
     let response = client()
         .post(sluice.url("/v1/chat/completions"))
-        .json(&streaming("m"))
+        .json(&stream_chat("m"))
         .send()
         .await
         .unwrap();
@@ -128,7 +112,7 @@ async fn a_blocked_word_ends_the_stream_cleanly() {
     ));
     let text = client()
         .post(sluice.url("/v1/chat/completions"))
-        .json(&streaming("m"))
+        .json(&stream_chat("m"))
         .send()
         .await
         .unwrap()
@@ -226,7 +210,7 @@ async fn a_down_model_falls_back_to_another() {
 
     let text = client
         .post(sluice.url("/v1/chat/completions"))
-        .json(&streaming("qwen2-1-5b"))
+        .json(&stream_chat("qwen2-1-5b"))
         .send()
         .await
         .unwrap()
@@ -250,7 +234,7 @@ async fn a_5xx_falls_back_and_other_statuses_pass_through() {
     qwen.stats.fail_status.store(503, Ordering::Relaxed);
     let response = client
         .post(sluice.url("/v1/chat/completions"))
-        .json(&streaming("qwen2-1-5b"))
+        .json(&stream_chat("qwen2-1-5b"))
         .send()
         .await
         .unwrap();
@@ -288,7 +272,7 @@ async fn a_backend_dying_mid_stream_ends_it_with_an_error_event() {
     let sluice = Sluice::start(&backend("vm01", &vm01.url(), &["m"], ""));
     let response = client()
         .post(sluice.url("/v1/chat/completions"))
-        .json(&streaming("m"))
+        .json(&stream_chat("m"))
         .send()
         .await
         .unwrap();
@@ -460,7 +444,7 @@ async fn looping_guests_do_not_stall_other_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trapping_response_filter_ends_the_stream_cleanly() {
     let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 5, 8)).await;
-    let mut body = streaming("m");
+    let mut body = stream_chat("m");
     body["messages"][0]["content"] = json!("hi");
     let sluice = Sluice::start(&format!(
         "{}[[policies]]\nname = \"bad\"\nmodule = {:?}\nconfig = {{ response = \"trap\" }}\n{ROUTER}",
@@ -468,12 +452,9 @@ async fn a_trapping_response_filter_ends_the_stream_cleanly() {
         test_guest("misbehave"),
     ));
     // The mock's answer contains no "boom": the filter passes everything.
-    let text = client()
-        .post(sluice.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
+    let text = sluice
+        .post_chat(&client(), &body)
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();

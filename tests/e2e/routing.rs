@@ -104,8 +104,7 @@ async fn concurrent_streams_respect_max_concurrent_requests() {
     for _ in 0..4 {
         let (client, url) = (client.clone(), sluice.url("/v1/chat/completions"));
         tasks.push(tokio::spawn(async move {
-            let mut body = chat("m");
-            body["stream"] = json!(true);
+            let body = stream_chat("m");
             let response = client.post(url).json(&body).send().await.unwrap();
             assert_eq!(response.status(), 200);
             response.text().await.unwrap()
@@ -137,12 +136,7 @@ async fn aliases_reach_the_backend_as_the_real_name() {
     ));
     let mut body = chat("glm4");
     body["temperature"] = json!(0.25);
-    let response = client()
-        .post(sluice.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let response = sluice.post_chat(&client(), &body).await;
     assert_eq!(response.status(), 200);
     let (path, seen) = vm01.stats.last_request().unwrap();
     assert_eq!(path, "/v1/chat/completions");

@@ -13,15 +13,9 @@ async fn first_chunk_arrives_early(flavor: Flavor) {
     // Ten tokens 100 ms apart: the backend needs about a second.
     let vm01 = mock_with(paced("vm01", &["m"], flavor, 100, 10)).await;
     let sluice = Sluice::start(&backend("vm01", &vm01.url(), &["m"], ""));
-    let mut body = chat("m");
-    body["stream"] = json!(true);
+    let body = stream_chat("m");
     let started = Instant::now();
-    let response = client()
-        .post(sluice.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let response = sluice.post_chat(&client(), &body).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let mut stream = response.bytes_stream();
@@ -74,15 +68,11 @@ async fn ollama_stream_reaches_the_client_incrementally() {
 async fn usage_chunk_passes_through_when_asked() {
     let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 0, 5)).await;
     let sluice = Sluice::start(&backend("vm01", &vm01.url(), &["m"], ""));
-    let mut body = chat("m");
-    body["stream"] = json!(true);
+    let mut body = stream_chat("m");
     body["stream_options"] = json!({"include_usage": true});
-    let text = client()
-        .post(sluice.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
+    let text = sluice
+        .post_chat(&client(), &body)
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();

@@ -50,18 +50,9 @@ async fn streams_are_counted_exactly_and_clients_see_what_they_asked_for() {
     let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 0, 8)).await;
     let sluice = Sluice::start(&backend("vm01", &vm01.url(), &["m"], ""));
     let client = client();
-    let mut body = chat("m");
-    body["stream"] = json!(true);
+    let mut body = stream_chat("m");
 
-    let via_sluice = client
-        .post(sluice.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let via_sluice = sluice.post_chat(&client, &body).await.text().await.unwrap();
     assert_eq!(
         vm01.stats.last_request().unwrap().1["stream_options"]["include_usage"],
         true
@@ -93,15 +84,7 @@ async fn streams_are_counted_exactly_and_clients_see_what_they_asked_for() {
     assert!(totals["avg_ttft_ms"].as_f64().is_some());
 
     body["stream_options"] = json!({"include_usage": true});
-    let asked = client
-        .post(sluice.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let asked = sluice.post_chat(&client, &body).await.text().await.unwrap();
     assert!(asked.contains("\"completion_tokens\":8"), "{asked}");
 }
 
@@ -114,17 +97,8 @@ async fn a_backend_without_usage_is_counted_with_a_tokenizer() {
     let vm01 = mock_with(config).await;
     let sluice = Sluice::start(&backend("vm01", &vm01.url(), &["m"], ""));
     let client = client();
-    let mut body = chat("m");
-    body["stream"] = json!(true);
-    client
-        .post(sluice.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = stream_chat("m");
+    sluice.post_chat(&client, &body).await.text().await.unwrap();
     let totals = usage_totals(&client, &sluice).await;
     assert_eq!(totals["estimated_requests"], 1);
     let expected = sluice::tokens::count_text("Hello from vm01. the quick brown fox");
@@ -143,15 +117,7 @@ async fn metrics_parse_with_a_real_prometheus_parser() {
     for stream in [false, true] {
         let mut body = chat("m");
         body["stream"] = json!(stream);
-        client
-            .post(sluice.url("/v1/chat/completions"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        sluice.post_chat(&client, &body).await.text().await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let text = client
@@ -241,8 +207,7 @@ async fn every_record_survives_a_graceful_shutdown_under_load() {
     for _ in 0..10 {
         let (client, url) = (client.clone(), sluice.url("/v1/chat/completions"));
         slow.push(tokio::spawn(async move {
-            let mut body = chat("m");
-            body["stream"] = json!(true);
+            let body = stream_chat("m");
             client
                 .post(url)
                 .json(&body)

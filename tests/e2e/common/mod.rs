@@ -135,6 +135,20 @@ impl Sluice {
         format!("http://{}{path}", self.addr)
     }
 
+    /// POSTs `body` to `/v1/chat/completions`.
+    pub async fn post_chat(
+        &self,
+        client: &reqwest::Client,
+        body: &serde_json::Value,
+    ) -> reqwest::Response {
+        client
+            .post(self.url("/v1/chat/completions"))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
     }
@@ -227,6 +241,13 @@ pub fn client() -> reqwest::Client {
 
 pub fn chat(model: &str) -> serde_json::Value {
     serde_json::json!({"model": model, "messages": [{"role": "user", "content": "Say hello"}]})
+}
+
+/// A chat request for `model` with `stream: true`.
+pub fn stream_chat(model: &str) -> serde_json::Value {
+    let mut body = chat(model);
+    body["stream"] = serde_json::json!(true);
+    body
 }
 
 /// Asserts an OpenAI-shaped error with this status and code.
