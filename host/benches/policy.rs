@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::HeaderMap;
-use sluice::backends::Fleet;
+use sluice::fleet::Fleet;
 use sluice::config::{BackendConfig, PolicyConfig, PolicyRuntimeConfig};
 use sluice::openai::{Endpoint, RequestHead};
 use sluice::policy::{Chain, Filtered, PolicyRequest, Runtime};
@@ -24,6 +24,7 @@ fn backend(name: &str, models: &[&str]) -> BackendConfig {
         max_concurrent_requests: 8,
         weight: 1,
         api_key: None,
+        health_path: None,
     }
 }
 

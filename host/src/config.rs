@@ -44,6 +44,12 @@ pub struct Config {
     #[serde(default)]
     pub usage: UsageConfig,
     #[serde(default)]
+    pub health_check: HealthCheckConfig,
+    #[serde(default)]
+    pub ejection: EjectionConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
     pub backends: Vec<BackendConfig>,
     /// The policy chain, run in order for every request. Empty means the
     /// default chain: `builtin:model-router` with no configuration.
@@ -81,6 +87,10 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     /// File holding the admin bearer token (`SLUICE_ADMIN_TOKEN` wins).
     pub admin_token_file: Option<PathBuf>,
+    /// How often the config file is checked for changes to reload its
+    /// backends (SIGHUP reloads at once); `0s` turns watching off.
+    #[serde(deserialize_with = "de_duration")]
+    pub reload_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -95,6 +105,7 @@ impl Default for ServerConfig {
             queue_timeout: Duration::from_secs(30),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             admin_token_file: None,
+            reload_interval: Duration::from_secs(2),
         }
     }
 }
@@ -174,14 +185,106 @@ impl Default for PolicyStoreConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// Active health checks: the host probes every backend on its own, so a
+/// dead server is found before a client's request does.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckConfig {
+    /// Probe backends at all (model discovery probes regardless).
+    pub enabled: bool,
+    /// Time between two probes of one backend.
+    #[serde(deserialize_with = "de_duration")]
+    pub interval: Duration,
+    /// A probe not answered within this counts as failed.
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Failed probes in a row that mark a backend down.
+    pub unhealthy_after: u32,
+    /// Successful probes in a row that mark it up again.
+    pub healthy_after: u32,
+    /// A probe slower than this counts as failed (an overloaded server).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub max_response_time: Option<Duration>,
+    /// Path probed with GET; a backend's `health_path` wins. It must be one
+    /// the server really has: `/v1/models` works on vLLM, Ollama, SGLang,
+    /// TGI and llama.cpp; vLLM also has `/health`.
+    pub path: String,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            enabled: true,
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            unhealthy_after: 2,
+            healthy_after: 2,
+            max_response_time: None,
+            path: "/v1/models".into(),
+        }
+    }
+}
+
+/// Passive ejection: real requests failing in a row take a backend out of
+/// rotation for a back-off that doubles while it keeps failing.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EjectionConfig {
+    /// Failed requests in a row (connect errors, timeouts, 5xx) that eject a
+    /// backend; 0 turns passive ejection off.
+    pub after_failures: u32,
+    /// First ejection's length; each ejection in a row doubles it.
+    #[serde(deserialize_with = "de_duration")]
+    pub base: Duration,
+    /// Longest ejection.
+    #[serde(deserialize_with = "de_duration")]
+    pub max: Duration,
+}
+
+impl Default for EjectionConfig {
+    fn default() -> Self {
+        EjectionConfig {
+            after_failures: 3,
+            base: Duration::from_secs(5),
+            max: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Moving a failed request to the next backend the policy listed.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts after the first, whatever the policies ask (at most 10).
+    pub max_retries: u32,
+    /// Pause before each retry.
+    #[serde(deserialize_with = "de_duration")]
+    pub retry_delay: Duration,
+    /// Backend statuses that move the request on when no failure hook
+    /// decides otherwise; other error statuses go to the client.
+    pub on_status: Vec<u16>,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_retries: 3,
+            retry_delay: Duration::ZERO,
+            on_status: vec![502, 503, 504],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     pub name: String,
     /// Base URL of an OpenAI-compatible server, e.g. `http://10.0.0.5:8000`.
     /// The client's path (`/v1/chat/completions`) is appended to it.
     pub url: String,
-    /// The model names this backend serves.
+    /// The model names this backend serves. Empty or absent: asked of the
+    /// backend (`GET /v1/models`) at start and at every health check.
+    #[serde(default)]
     pub models: Vec<String>,
     /// Hard limit on requests in flight to this backend; 0 means none.
     #[serde(default)]
@@ -193,6 +296,9 @@ pub struct BackendConfig {
     /// credential never is).
     #[serde(default)]
     pub api_key: Option<String>,
+    /// Path probed by health checks instead of `health_check.path`.
+    #[serde(default)]
+    pub health_path: Option<String>,
 }
 
 fn one() -> u32 {
@@ -320,8 +426,8 @@ impl Config {
                 return Err(invalid(key("name"), format!("`{}` is used twice", b.name)));
             }
             crate::backends::BackendUrl::parse(&b.url).map_err(|m| invalid(key("url"), m))?;
-            if b.models.is_empty() {
-                return Err(invalid(key("models"), "must list at least one model"));
+            if let Some(path) = &b.health_path {
+                check_path(path).map_err(|m| invalid(key("health_path"), m))?;
             }
             if let Some(empty) = b.models.iter().position(String::is_empty) {
                 return Err(invalid(
@@ -332,6 +438,37 @@ impl Config {
             if b.weight == 0 {
                 return Err(invalid(key("weight"), "must be at least 1"));
             }
+        }
+        let hc = &self.health_check;
+        check_path(&hc.path).map_err(|m| invalid("health_check.path", m))?;
+        if hc.interval < Duration::from_millis(10) {
+            return Err(invalid("health_check.interval", "must be at least 10ms"));
+        }
+        if hc.timeout.is_zero() {
+            return Err(invalid("health_check.timeout", "must be greater than 0"));
+        }
+        if hc.unhealthy_after == 0 {
+            return Err(invalid("health_check.unhealthy_after", "must be at least 1"));
+        }
+        if hc.healthy_after == 0 {
+            return Err(invalid("health_check.healthy_after", "must be at least 1"));
+        }
+        if self.ejection.base > self.ejection.max {
+            return Err(invalid("ejection.base", "must not be longer than ejection.max"));
+        }
+        if self.retry.max_retries > 10 {
+            return Err(invalid("retry.max_retries", "must be at most 10"));
+        }
+        if let Some(bad) = self
+            .retry
+            .on_status
+            .iter()
+            .position(|s| !(400..=599).contains(s))
+        {
+            return Err(invalid(
+                format!("retry.on_status[{bad}]"),
+                "must be an error status (400..=599)",
+            ));
         }
         let mut names = HashSet::new();
         for (i, p) in self.policies.iter().enumerate() {
@@ -365,6 +502,14 @@ impl Config {
         Ok(())
     }
 
+    /// The health and ejection rules for the fleet.
+    pub fn health_rules(&self) -> crate::backends::HealthRules {
+        crate::backends::HealthRules {
+            check: self.health_check.clone(),
+            ejection: self.ejection.clone(),
+        }
+    }
+
     /// The chain to run: the configured policies, or the default router.
     pub fn policy_chain(&self) -> Vec<PolicyConfig> {
         if self.policies.is_empty() {
@@ -378,6 +523,17 @@ impl Config {
             self.policies.clone()
         }
     }
+}
+
+fn check_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
+        return Err(format!("`{path}` must be a path starting with /"));
+    }
+    Ok(())
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
 }
 
 /// Accepts `"500ms"`, `"3s"`, `"2m"`, `"1h"`, or a bare number of seconds.

@@ -42,6 +42,7 @@ pub async fn run(
         max_concurrent_requests: 8,
         weight: 1,
         api_key: None,
+        health_path: None,
     };
     let mut config = Config {
         backends: vec![
@@ -60,6 +61,7 @@ pub async fn run(
     config.validate()?;
 
     let gateway = server::Gateway::new(&config).await?;
+    gateway.checker.start().await;
     let listener = server::bind(listen).await?;
     let addr = listener.local_addr()?;
     println!(
@@ -71,6 +73,8 @@ Sluice demo: gateway on http://{addr}
 
 Try (the x-sluice-backend response header says who answered):
   curl -si http://{addr}/v1/models
+  curl -s http://{addr}/health        # each backend's health, in flight, last error
+  curl -s http://{addr}/load-stats    # served, failures, latency percentiles per backend and model
   curl -si http://{addr}/v1/chat/completions -H 'content-type: application/json' \
     -d '{{"model":"glm4-9b","messages":[{{"role":"user","content":"Hi"}}]}}'
   curl -sN http://{addr}/v1/chat/completions -H 'content-type: application/json' \

@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use crate::backends::Fleet;
+use crate::fleet::LiveFleet;
 use crate::config::{OnError, PolicyConfig};
 use crate::policy::{
     self, Chain, ChainEntry, LoadedPolicy, PolicySpec, Runtime, Shadow, ShadowStats,
@@ -112,7 +112,7 @@ struct State {
 
 pub struct Deployer {
     runtime: Arc<Runtime>,
-    fleet: Arc<Fleet>,
+    fleet: Arc<LiveFleet>,
     chain: Arc<ArcSwap<Chain>>,
     state: Mutex<State>,
     state_dir: Option<PathBuf>,
@@ -123,7 +123,7 @@ impl Deployer {
     /// survive restarts), otherwise from the config's policies.
     pub async fn start(
         runtime: Arc<Runtime>,
-        fleet: Arc<Fleet>,
+        fleet: Arc<LiveFleet>,
         configs: &[PolicyConfig],
         state_dir: Option<PathBuf>,
     ) -> anyhow::Result<Deployer> {
@@ -141,7 +141,7 @@ impl Deployer {
         let mut loaded = Vec::with_capacity(entries.len());
         for entry in &entries {
             let version = &entry.versions[entry.active];
-            let policy = load_version(&runtime, &fleet, state_dir.as_deref(), entry, version)
+            let policy = load_version(&runtime, &fleet.load(), state_dir.as_deref(), entry, version)
                 .await
                 .with_context(|| format!("policy `{}` ({})", entry.name, version.source))?;
             loaded.push(Arc::new(policy));
@@ -275,7 +275,7 @@ impl Deployer {
         let version = entry.versions[entry.active - 1].clone();
         let loaded = load_version(
             &self.runtime,
-            &self.fleet,
+            &self.fleet.load(),
             self.state_dir.as_deref(),
             entry,
             &version,
@@ -400,7 +400,7 @@ impl Deployer {
         config: &serde_json::Value,
         on_error: OnError,
     ) -> anyhow::Result<LoadedPolicy> {
-        let (runtime, fleet) = (self.runtime.clone(), self.fleet.clone());
+        let (runtime, fleet) = (self.runtime.clone(), self.fleet.load());
         let (name, bytes, config) = (name.to_string(), bytes.to_vec(), config.clone());
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
@@ -629,7 +629,7 @@ fn seed_entries(configs: &[PolicyConfig], state_dir: Option<&Path>) -> anyhow::R
 
 async fn load_version(
     runtime: &Runtime,
-    fleet: &Arc<Fleet>,
+    fleet: &Arc<crate::fleet::Fleet>,
     state_dir: Option<&Path>,
     entry: &Entry,
     version: &Version,

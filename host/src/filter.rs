@@ -17,7 +17,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::accounting::Accounting;
-use crate::backends::Fleet;
+use crate::fleet::Fleet;
 use crate::body::Body;
 use crate::errors::GatewayError;
 use crate::openai::Endpoint;

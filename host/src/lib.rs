@@ -2,8 +2,10 @@
 //! routing decisions are WebAssembly components.
 //!
 //! The modules follow a request: [`server`] accepts it, [`openai`] reads
-//! what routing needs, [`policy`] runs the guest chain, [`backends`] holds
-//! the fleet and its limits, [`proxy`] forwards and streams the answer.
+//! what routing needs, [`policy`] runs the guest chain, [`fleet`] and
+//! [`backends`] hold the backends, their limits and health ([`health`]
+//! probes them, [`reload`] applies config changes), [`proxy`] forwards and
+//! streams the answer.
 
 pub mod accounting;
 pub mod admin;
@@ -15,12 +17,16 @@ pub mod demo;
 pub mod deploy;
 pub mod errors;
 pub mod filter;
+pub mod fleet;
+pub mod health;
 pub mod metrics;
 pub mod mock;
 pub mod openai;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod sse;
+pub mod stats;
 pub mod tokens;
 pub mod usage;

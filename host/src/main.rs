@@ -170,14 +170,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             admin_listen,
             admin_token,
         } => {
-            let mut config = Config::load(&config)?;
+            let path = config;
+            let mut config = Config::load(&path)?;
             if let Some(listen) = listen {
                 config.server.listen = listen;
             }
             if let Some(admin_listen) = admin_listen {
                 config.server.admin_listen = admin_listen;
             }
-            serve(config, admin_token).await
+            serve(config, path, admin_token).await
         }
         Command::Policy {
             admin_url,
@@ -247,8 +248,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!(
                 "{}: ok ({} backends, {} models, policies: {})",
                 path.display(),
-                gateway.fleet.backends().len(),
-                gateway.fleet.models().len(),
+                gateway.fleet.load().backends().len(),
+                gateway.fleet.load().models().len(),
                 gateway
                     .deployer
                     .chain()
@@ -287,7 +288,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
 }
 
 /// Runs the data plane and the admin API until a shutdown signal.
-async fn serve(config: Config, admin_token: Option<String>) -> anyhow::Result<()> {
+async fn serve(
+    config: Config,
+    path: std::path::PathBuf,
+    admin_token: Option<String>,
+) -> anyhow::Result<()> {
     let token = match (admin_token, &config.server.admin_token_file) {
         (Some(token), _) => Some(token),
         (None, Some(file)) => Some(
@@ -311,6 +316,12 @@ async fn serve(config: Config, admin_token: Option<String>) -> anyhow::Result<()
     }
 
     let gateway = server::Gateway::new(&config).await?;
+    gateway.checker.start().await;
+    tokio::spawn(sluice::reload::watch(
+        path,
+        gateway.clone(),
+        config.clone(),
+    ));
     let listener = server::bind(config.server.listen).await?;
     let admin_listener = server::bind(admin_addr).await?;
     let usage = gateway.ledger.store.clone();

@@ -227,7 +227,7 @@ impl Metrics {
     }
 
     /// The text exposition format, with the fleet's gauges read now.
-    pub fn render_with(&self, fleet: &crate::backends::Fleet) -> String {
+    pub fn render_with(&self, fleet: &crate::fleet::Fleet) -> String {
         for b in fleet.backends() {
             let labels = BackendLabels {
                 backend: b.name.to_string(),

@@ -19,7 +19,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::backends::{Backend, Fleet, Slot};
+use crate::backends::{Backend, ModelLoad, Slot};
+use crate::config::{RetryConfig, ServerConfig};
+use crate::stats::Waiting;
+use arc_swap::ArcSwap;
+use crate::fleet::Fleet;
 use crate::errors::GatewayError;
 use crate::openai;
 use crate::policy::contract::{AttemptFailure, AttemptFailureKind, FailureDecision};
@@ -52,9 +56,6 @@ const CREDENTIALS: [HeaderName; 5] = [
 pub const BACKEND_HEADER: HeaderName = HeaderName::from_static("x-sluice-backend");
 /// Which model answered: differs from the one asked after a fallback.
 pub const MODEL_HEADER: HeaderName = HeaderName::from_static("x-sluice-model");
-
-/// Attempts per request, whatever the failure hooks say.
-const MAX_ATTEMPTS: u32 = 8;
 
 /// A backend's answer whose headers and first body bytes have arrived.
 pub struct Answer {
@@ -96,28 +97,31 @@ pub struct Upstream {
     waiting: AtomicUsize,
     max_queue: usize,
     queue_timeout: Duration,
+    /// Swapped by a config reload.
+    retry: ArcSwap<RetryConfig>,
 }
 
 impl Upstream {
-    pub fn new(
-        connect_timeout: Duration,
-        response_timeout: Duration,
-        max_queue: usize,
-        queue_timeout: Duration,
-    ) -> Upstream {
+    pub fn new(server: &ServerConfig, retry: RetryConfig) -> Upstream {
         let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_connect_timeout(Some(server.connect_timeout));
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
         Upstream {
             client,
-            response_timeout,
+            response_timeout: server.response_timeout,
             waiting: AtomicUsize::new(0),
-            max_queue,
-            queue_timeout,
+            max_queue: server.max_queue,
+            queue_timeout: server.queue_timeout,
+            retry: ArcSwap::from_pointee(retry),
         }
+    }
+
+    /// Applies a reloaded `[retry]` section to the requests that follow.
+    pub fn set_retry(&self, retry: RetryConfig) {
+        self.retry.store(Arc::new(retry));
     }
 
     /// Forwards until an attempt is answered, the failure hooks give up, or
@@ -140,6 +144,7 @@ impl Upstream {
             })
             .collect();
         let mut bodies = Bodies::new(&route.body, &route.info.model);
+        let retry = self.retry.load_full();
         let mut attempts = 0;
         let mut last: Option<(GatewayError, Option<Answer>)> = None;
         // Targets found at their limit, to wait for when nothing else is left.
@@ -149,18 +154,22 @@ impl Upstream {
                 Some(target) => (target, None),
                 None if !full.is_empty() => {
                     let (target, slot) = self
-                        .wait_for_slot(std::mem::take(&mut full), &route.info.model)
+                        .wait_for_slot(fleet, std::mem::take(&mut full), &route.info.model)
                         .await?;
                     (target, Some(slot))
                 }
                 None => break,
             };
-            if attempts >= MAX_ATTEMPTS {
+            if attempts > retry.max_retries {
                 break;
             }
+            if attempts > 0 && !retry.retry_delay.is_zero() && slot.is_none() {
+                tokio::time::sleep(retry.retry_delay).await;
+            }
             let body = bodies.for_model(&target.model)?;
+            let load = fleet.model_load(&target.model).cloned();
             let (kind, error, answer) = match self
-                .attempt(&target, slot, path_and_query, &route.headers, body)
+                .attempt(&target, slot, path_and_query, &route.headers, body, load.as_ref())
                 .await
             {
                 Attempt::Answered(answer) => return Ok(answer),
@@ -185,7 +194,7 @@ impl Upstream {
             };
             let decision = if chain.handles_failures() {
                 chain.on_failure(runtime, fleet, route, &failure).await?
-            } else if kind == AttemptFailureKind::Status {
+            } else if kind == AttemptFailureKind::Status && !retry.on_status.contains(&failure.status) {
                 FailureDecision::GiveUp
             } else {
                 FailureDecision::Next
@@ -214,6 +223,7 @@ impl Upstream {
     /// `queue_timeout`.
     async fn wait_for_slot(
         &self,
+        fleet: &Fleet,
         targets: Vec<Target>,
         model: &str,
     ) -> Result<(Target, Slot), GatewayError> {
@@ -225,11 +235,20 @@ impl Upstream {
                 waiting,
             });
         }
+        let _counted: Vec<Waiting> = targets
+            .iter()
+            .map(|t| Waiting::new(&t.backend.stats))
+            .chain(fleet.model_load(model).map(|m| Waiting::new(&m.stats)))
+            .collect();
         let lines = targets.iter().map(|t| Box::pin(t.backend.acquire()));
         match tokio::time::timeout(self.queue_timeout, futures_util::future::select_all(lines))
             .await
         {
-            Ok((slot, index, _)) => Ok((targets[index].clone(), slot)),
+            Ok((Some(slot), index, _)) => Ok((targets[index].clone(), slot)),
+            Ok((None, _, _)) => Err(GatewayError::NoBackend {
+                model: model.to_string(),
+                reason: "the backend was removed while the request waited for it",
+            }),
             Err(_) => Err(GatewayError::QueueTimeout {
                 model: model.to_string(),
                 waited: self.queue_timeout,
@@ -247,10 +266,19 @@ impl Upstream {
         path_and_query: &str,
         headers: &HeaderMap,
         body: Bytes,
+        load: Option<&Arc<ModelLoad>>,
     ) -> Attempt {
         let backend = &target.backend;
-        let Some(slot) = slot.or_else(|| backend.try_acquire()) else {
+        let Some(mut slot) = slot.or_else(|| backend.try_acquire()) else {
             return Attempt::Full;
+        };
+        if let Some(load) = load {
+            slot.track(load.clone());
+        }
+        let failed_model = || {
+            if let Some(load) = load {
+                load.stats.failures.fetch_add(1, AtomicOrdering::Relaxed);
+            }
         };
         let failed = |kind, error| Attempt::Failed {
             kind,
@@ -268,7 +296,8 @@ impl Upstream {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.response_timeout;
         let timeout = || {
-            backend.record_failure();
+            failed_model();
+            backend.record_failure(&format!("no answer within {:?}", self.response_timeout));
             tracing::warn!(backend = %backend.name, timeout = ?self.response_timeout, "backend timed out");
             failed(
                 AttemptFailureKind::Timeout,
@@ -281,7 +310,8 @@ impl Upstream {
         let response = match tokio::time::timeout_at(deadline, self.client.request(request)).await {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => {
-                backend.record_failure();
+                failed_model();
+                backend.record_failure(&error_chain(&e));
                 tracing::warn!(backend = %backend.name, error = %error_chain(&e), "backend unreachable");
                 return failed(AttemptFailureKind::Connect, unreachable(error_chain(&e)));
             }
@@ -293,11 +323,12 @@ impl Upstream {
             Ok(None) => None,
             Ok(Some(Ok(frame))) => frame.into_data().ok(),
             Ok(Some(Err(e))) => {
-                backend.record_failure();
+                failed_model();
                 let detail = format!(
                     "the connection broke before the answer began: {}",
                     error_chain(&e)
                 );
+                backend.record_failure(&detail);
                 return failed(AttemptFailureKind::Broken, unreachable(detail));
             }
         };
@@ -319,7 +350,8 @@ impl Upstream {
         };
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
             if status.is_server_error() {
-                backend.record_failure();
+                failed_model();
+                backend.record_failure(&format!("answered {status}"));
             }
             let error = GatewayError::BackendStatus {
                 backend: backend.name.to_string(),
@@ -331,7 +363,12 @@ impl Upstream {
                 answer: Some(answer),
             };
         }
-        backend.record_success(started.elapsed());
+        let took = started.elapsed();
+        backend.record_success(took);
+        if let Some(load) = load {
+            load.stats.served.fetch_add(1, AtomicOrdering::Relaxed);
+            load.stats.ttfb.record_us(took.as_micros() as u64);
+        }
         Attempt::Answered(answer)
     }
 }

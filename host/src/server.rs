@@ -19,7 +19,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::accounting::{Accounting, Ledger};
-use crate::backends::Fleet;
+use crate::fleet::LiveFleet;
+use crate::health::Checker;
 use crate::body::Body;
 use crate::config::Config;
 use crate::deploy::Deployer;
@@ -33,12 +34,13 @@ use arc_swap::ArcSwap;
 
 /// Everything a request needs, shared by all connections.
 pub struct Gateway {
-    pub fleet: Arc<Fleet>,
+    pub fleet: Arc<LiveFleet>,
+    pub checker: Checker,
     pub runtime: Arc<Runtime>,
     pub deployer: Arc<Deployer>,
     /// The live chain, swapped whole by deploys; a request loads it once.
     chain: Arc<ArcSwap<Chain>>,
-    upstream: Upstream,
+    pub upstream: Upstream,
     max_body_bytes: u64,
     pub ledger: Arc<Ledger>,
     next_id: AtomicU64,
@@ -49,7 +51,9 @@ impl Gateway {
     /// Builds the fleet, compiles and trials every policy. Fails with a
     /// message naming the policy or backend at fault.
     pub async fn new(config: &Config) -> anyhow::Result<Arc<Gateway>> {
-        let fleet = Arc::new(Fleet::new(&config.backends).map_err(anyhow::Error::msg)?);
+        let fleet = Arc::new(
+            LiveFleet::new(&config.backends, config.health_rules()).map_err(anyhow::Error::msg)?,
+        );
         let runtime = Arc::new(Runtime::new(&config.policy_runtime)?);
         let deployer = Arc::new(
             Deployer::start(
@@ -75,16 +79,12 @@ impl Gateway {
         });
         let server = &config.server;
         Ok(Arc::new(Gateway {
+            checker: Checker::new(fleet.clone()),
             fleet,
             runtime,
             deployer,
             chain,
-            upstream: Upstream::new(
-                server.connect_timeout,
-                server.response_timeout,
-                server.max_queue,
-                server.queue_timeout,
-            ),
+            upstream: Upstream::new(server, config.retry.clone()),
             max_body_bytes: server.max_body_bytes,
             ledger,
             next_id: AtomicU64::new(1),
@@ -107,14 +107,20 @@ impl Gateway {
             }),
             None => match (method, path) {
                 (&Method::GET, "/v1/models") => Ok(json_response(&openai::model_list(
-                    self.fleet.models(),
+                    &self.fleet.load().healthy_models(),
                     self.started_at,
                 ))),
                 (&Method::GET, "/health") => {
-                    Ok(json_response(&serde_json::json!({"status": "ok"})))
+                    let (status, report) = crate::health::report(&self.fleet.load());
+                    let mut response = json_response(&report);
+                    *response.status_mut() = status;
+                    Ok(response)
                 }
+                (&Method::GET, "/load-stats") => Ok(json_response(
+                    &crate::stats::load_stats(&self.fleet.load()),
+                )),
                 (&Method::GET, "/metrics") => {
-                    let text = crate::metrics::metrics().render_with(&self.fleet);
+                    let text = crate::metrics::metrics().render_with(&self.fleet.load());
                     let mut response = Response::new(Body::full(text));
                     response.headers_mut().insert(
                         header::CONTENT_TYPE,
@@ -159,9 +165,10 @@ impl Gateway {
             body,
         };
         let chain = self.chain.load_full();
+        let fleet = self.fleet.load();
         let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let answered = async {
-            let mut route = chain.decide(&self.runtime, &self.fleet, request).await?;
+            let mut route = chain.decide(&self.runtime, &fleet, request).await?;
             if strip_usage {
                 route.body = openai::with_include_usage(&route.body).map_err(|e| {
                     GatewayError::bad_request(
@@ -172,7 +179,7 @@ impl Gateway {
             }
             let answer = self
                 .upstream
-                .forward(&self.runtime, &self.fleet, &chain, path_and_query, &route)
+                .forward(&self.runtime, &fleet, &chain, path_and_query, &route)
                 .await?;
             Ok::<_, GatewayError>((route, answer))
         };
@@ -194,7 +201,7 @@ impl Gateway {
             .filter(|_| endpoint != Endpoint::Embeddings);
         let relay = Filter {
             runtime: self.runtime.clone(),
-            fleet: self.fleet.clone(),
+            fleet,
             chain,
             route,
             holdback,

@@ -92,7 +92,13 @@ async fn served_by(client: &reqwest::Client, sluice: &Sluice) -> String {
 async fn a_hundred_deploys_under_load_fail_no_request() {
     let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 3, 6)).await;
     let vm02 = mock_with(paced("vm02", &["m"], Flavor::Ollama, 3, 6)).await;
-    let sluice = Arc::new(Sluice::start(&pinned(&vm01.url(), &vm02.url(), "vm01")));
+    // What is measured is deploys, not CPU starvation: on a loaded 2-core
+    // machine a policy call can wait past the default 50 ms for a core.
+    let config = format!(
+        "[policy_runtime]\ntimeout = \"1s\"\n{}",
+        pinned(&vm01.url(), &vm02.url(), "vm01")
+    );
+    let sluice = Arc::new(Sluice::start(&config));
     let client = client();
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));

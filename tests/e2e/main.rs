@@ -6,6 +6,7 @@ mod common;
 mod cli;
 mod deploy;
 mod errors;
+mod fleet;
 mod guard;
 mod routing;
 mod streaming;

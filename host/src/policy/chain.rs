@@ -17,7 +17,8 @@ use super::contract::{
 use super::guest::CallContext;
 use super::runtime::Pre;
 use super::{builtin, FailureKind, PolicyError, Runtime};
-use crate::backends::{Backend, Fleet};
+use crate::backends::Backend;
+use crate::fleet::Fleet;
 use crate::config::{OnError, PolicyConfig};
 use crate::errors::GatewayError;
 use crate::metrics::metrics;

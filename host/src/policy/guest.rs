@@ -16,7 +16,7 @@ use super::contract::{
     AttemptFailure, AttemptFailureKind, Decision, FailureDecision, Hooks, RejectSpec, RequestInfo,
     TargetSpec, TextDecision,
 };
-use crate::backends::Fleet;
+use crate::fleet::Fleet;
 use crate::openai::Endpoint;
 
 /// `sluice:policy@0.2.0`: the current contract (`wit/policy.wit`).
@@ -239,11 +239,11 @@ macro_rules! versioned {
             fn from(b: &crate::backends::Backend) -> Self {
                 $v::sluice::policy::types::Backend {
                     name: b.name.to_string(),
-                    models: b.models.clone(),
+                    models: b.models().to_vec(),
                     healthy: b.is_healthy(),
                     in_flight: b.in_flight(),
-                    max_concurrent: b.max_concurrent,
-                    weight: b.weight,
+                    max_concurrent: b.max_concurrent(),
+                    weight: b.weight(),
                     latency_us: b.latency_us(),
                 }
             }

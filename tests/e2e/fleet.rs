@@ -1,0 +1,419 @@
+//! Fleet management: active health checks, recovery, timeouts and retries,
+//! model discovery, `/health`, `/load-stats`, and live config reload.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sluice::mock::{MockBackend, MockConfig};
+
+use crate::common::*;
+
+/// Health checks fast enough for a test.
+const FAST_CHECKS: &str = r#"
+[health_check]
+interval = "100ms"
+timeout = "500ms"
+unhealthy_after = 2
+healthy_after = 2
+"#;
+
+/// Starts a mock on `addr` again after it was stopped (the port may take
+/// a moment to be free).
+async fn revive(addr: SocketAddr, config: MockConfig) -> MockBackend {
+    for _ in 0..100 {
+        if let Ok(backend) = MockBackend::start(addr, config.clone()).await {
+            return backend;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("could not listen on {addr} again");
+}
+
+async fn health(client: &reqwest::Client, sluice: &Sluice) -> (u16, Value) {
+    let response = client.get(sluice.url("/health")).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// The `/health` entry of one backend.
+async fn backend_health(client: &reqwest::Client, sluice: &Sluice, name: &str) -> Value {
+    let (_, report) = health(client, sluice).await;
+    report["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} not in /health: {report}"))
+}
+
+/// Polls until `/health` says `name` is (or is not) healthy; the time it
+/// took. Panics after `limit`.
+async fn until_health(
+    client: &reqwest::Client,
+    sluice: &Sluice,
+    name: &str,
+    healthy: bool,
+    limit: Duration,
+) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if backend_health(client, sluice, name).await["healthy"] == healthy {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{name} did not become healthy={healthy} within {limit:?}");
+}
+
+/// Sends chat requests for `model` from `workers` tasks until `stop`; every
+/// answer must be 200. Returns (requests, failures).
+fn steady_load(
+    sluice: &Sluice,
+    model: &str,
+    workers: usize,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
+    let url = sluice.url("/v1/chat/completions");
+    let model = model.to_string();
+    tokio::spawn(async move {
+        let sent = Arc::new(AtomicU64::new(0));
+        let tasks: Vec<_> = (0..workers)
+            .map(|_| {
+                let (url, model, stop, sent) = (url.clone(), model.clone(), stop.clone(), sent.clone());
+                tokio::spawn(async move {
+                    let client = client();
+                    let mut failures = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        match client.post(&url).json(&chat(&model)).send().await {
+                            Ok(r) if r.status() == 200 => {
+                                let _ = r.bytes().await;
+                            }
+                            Ok(r) => failures.push(format!("{}: {}", r.status(), r.text().await.unwrap_or_default())),
+                            Err(e) => failures.push(e.to_string()),
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    failures
+                })
+            })
+            .collect();
+        let mut failures = Vec::new();
+        for t in tasks {
+            failures.extend(t.await.unwrap());
+        }
+        (sent.load(Ordering::Relaxed), failures)
+    })
+}
+
+/// The field's `001` scenario with active checks: a backend stops, is
+/// marked down within the configured checks while no request fails, comes
+/// back and takes traffic again without an operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_backend_is_marked_down_and_recovers_by_itself() {
+    let vm01 = mock("vm01", &["m"]).await;
+    let vm02 = mock("vm02", &["m"]).await;
+    let sluice = Sluice::start(&format!(
+        "{FAST_CHECKS}{}{}",
+        backend("vm01", &vm01.url(), &["m"], "max_concurrent_requests = 2"),
+        backend("vm02", &vm02.url(), &["m"], "max_concurrent_requests = 2"),
+    ));
+    let client = client();
+    let (status, report) = health(&client, &sluice).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["backends"][1]["max_concurrent"], 2);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = steady_load(&sluice, "m", 4, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let addr = vm02.addr;
+    vm02.stop();
+    let killed = Instant::now();
+    let down = until_health(&client, &sluice, "vm02", false, Duration::from_secs(5)).await;
+    let at_down = vm01.stats.requests.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        vm01.stats.requests.load(Ordering::Relaxed) > at_down,
+        "traffic goes on to vm01"
+    );
+    let entry = backend_health(&client, &sluice, "vm02").await;
+    assert!(entry["last_error"].as_str().is_some(), "{entry}");
+    assert!(entry["last_check"].as_u64().is_some(), "{entry}");
+    eprintln!("vm02 killed -> marked down in {:?}", down.min(killed.elapsed()));
+
+    let vm02 = revive(addr, MockConfig::new("vm02", &["m"])).await;
+    let up = until_health(&client, &sluice, "vm02", true, Duration::from_secs(5)).await;
+    eprintln!("vm02 revived -> marked up in {up:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (sent, failures) = load.await.unwrap();
+    assert!(failures.is_empty(), "{} of {sent} failed: {:?}", failures.len(), &failures[..failures.len().min(3)]);
+    assert!(
+        vm02.stats.requests.load(Ordering::Relaxed) > 0,
+        "traffic returned to vm02"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_503_when_every_backend_is_down_and_models_lists_healthy_ones() {
+    let vm01 = mock("vm01", &["a"]).await;
+    let vm02 = mock("vm02", &["b"]).await;
+    let sluice = Sluice::start(&format!(
+        "{FAST_CHECKS}{}{}",
+        backend("vm01", &vm01.url(), &["a"], ""),
+        backend("vm02", &vm02.url(), &["b"], ""),
+    ));
+    let client = client();
+    let ids = |v: Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let models = || async {
+        let r = client.get(sluice.url("/v1/models")).send().await.unwrap();
+        ids(r.json().await.unwrap())
+    };
+    assert_eq!(models().await, ["a", "b"]);
+    vm02.stop();
+    until_health(&client, &sluice, "vm02", false, Duration::from_secs(5)).await;
+    assert_eq!(models().await, ["a"], "a down backend's models are not listed");
+    let (status, _) = health(&client, &sluice).await;
+    assert_eq!(status, 200, "one backend is still up");
+    vm01.stop();
+    until_health(&client, &sluice, "vm01", false, Duration::from_secs(5)).await;
+    let (status, report) = health(&client, &sluice).await;
+    assert_eq!(status, 503, "{report}");
+    assert_eq!(report["status"], "unavailable");
+    let r = sluice.post_chat(&client, &chat("a")).await;
+    expect_error(r, 503, "no_backend_available").await;
+}
+
+/// A backend that accepts but never answers: the request times out there
+/// and is retried on the other backend; the client sees a 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_backend_times_out_and_the_request_moves_on() {
+    let vm01 = mock("vm01", &["m"]).await;
+    let vm02 = mock("vm02", &["m"]).await;
+    vm01.stats.header_delay_ms.store(10_000, Ordering::Relaxed);
+    let sluice = Sluice::start(&format!(
+        "[server]\nresponse_timeout = \"300ms\"\n[health_check]\nenabled = false\n[ejection]\nafter_failures = 1\n{}{}",
+        backend("vm01", &vm01.url(), &["m"], ""),
+        backend("vm02", &vm02.url(), &["m"], ""),
+    ));
+    let client = client();
+    for _ in 0..20 {
+        let r = sluice.post_chat(&client, &chat("m")).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-sluice-backend"], "vm02");
+    }
+    let stats: Value = client
+        .get(sluice.url("/load-stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let vm01_stats = &stats["backends"][0];
+    assert_eq!(vm01_stats["name"], "vm01");
+    assert!(vm01_stats["failures"].as_u64().unwrap() >= 1, "{stats}");
+    assert_eq!(vm01_stats["healthy"], false, "ejected after its timeouts: {stats}");
+    assert_eq!(stats["backends"][1]["served"], 20, "{stats}");
+    let model = &stats["models"][0];
+    assert_eq!(model["model"], "m");
+    assert_eq!(model["served"], 20);
+    assert!(model["ttfb_ms"]["p50"].as_f64().unwrap() > 0.0, "{stats}");
+    assert!(model["duration_ms"]["p99"].as_f64().is_some(), "{stats}");
+}
+
+/// Retryable statuses move on, others reach the client; `max_retries`
+/// bounds the attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_follow_the_configured_statuses_and_bound() {
+    let vm01 = mock("vm01", &["m"]).await;
+    let vm02 = mock("vm02", &["m"]).await;
+    let vm03 = mock("vm03", &["m"]).await;
+    let sluice = Sluice::start(&format!(
+        "[retry]\nmax_retries = 1\non_status = [503]\n[ejection]\nafter_failures = 0\n[health_check]\nenabled = false\n{}{}{}",
+        backend("vm01", &vm01.url(), &["m"], ""),
+        backend("vm02", &vm02.url(), &["m"], ""),
+        backend("vm03", &vm03.url(), &["m"], ""),
+    ));
+    let client = client();
+    vm01.stats.fail_status.store(503, Ordering::Relaxed);
+    for _ in 0..20 {
+        let r = sluice.post_chat(&client, &chat("m")).await;
+        assert_eq!(r.status(), 200, "a 503 moves on");
+        assert_ne!(r.headers()["x-sluice-backend"], "vm01");
+    }
+    vm01.stats.fail_status.store(500, Ordering::Relaxed);
+    let mut passed_through = 0;
+    for _ in 0..30 {
+        let r = sluice.post_chat(&client, &chat("m")).await;
+        if r.headers()["x-sluice-backend"] == "vm01" {
+            assert_eq!(r.status(), 500, "a 500 is not in on_status: the client gets it");
+            passed_through += 1;
+        }
+    }
+    assert!(passed_through > 0);
+    // Two of three failing with 503: one retry is not always enough.
+    vm01.stats.fail_status.store(503, Ordering::Relaxed);
+    vm02.stats.fail_status.store(503, Ordering::Relaxed);
+    let before = [&vm01, &vm02, &vm03].map(|m| m.stats.requests.load(Ordering::Relaxed));
+    let mut failed = 0;
+    for _ in 0..30 {
+        let r = sluice.post_chat(&client, &chat("m")).await;
+        if r.status() != 200 {
+            assert_eq!(r.status(), 503);
+            failed += 1;
+        }
+    }
+    let after = [&vm01, &vm02, &vm03].map(|m| m.stats.requests.load(Ordering::Relaxed));
+    let attempts: u64 = after.iter().zip(before).map(|(a, b)| a - b).sum();
+    assert!(failed > 0, "with max_retries = 1 some requests meet two 503s");
+    assert!(attempts <= 60, "at most two attempts per request, saw {attempts}");
+}
+
+/// A backend configured without models is asked for them, at start and at
+/// every check: a model loaded later appears without a config change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_are_discovered_and_follow_the_backend() {
+    let vm01 = mock("vm01", &["glm4-9b"]).await;
+    let sluice = Sluice::start(&format!(
+        "{FAST_CHECKS}[[backends]]\nname = \"vm01\"\nurl = \"{}\"\n",
+        vm01.url()
+    ));
+    let client = client();
+    let r = sluice.post_chat(&client, &chat("glm4-9b")).await;
+    assert_eq!(r.status(), 200, "discovered before the first request");
+    let r = sluice.post_chat(&client, &chat("qwen2.5-1.5b")).await;
+    expect_error(r, 404, "model_not_found").await;
+
+    let addr = vm01.addr;
+    vm01.stop();
+    let _vm01 = revive(addr, MockConfig::new("vm01", &["glm4-9b", "qwen2.5-1.5b"])).await;
+    let start = Instant::now();
+    loop {
+        let r = sluice.post_chat(&client, &chat("qwen2.5-1.5b")).await;
+        if r.status() == 200 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "qwen never appeared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let entry = backend_health(&client, &sluice, "vm01").await;
+    assert_eq!(entry["models"], json!(["glm4-9b", "qwen2.5-1.5b"]));
+}
+
+/// Editing the file adds a backend under load with no failed request; a
+/// broken file is refused naming the key and the running config stays;
+/// SIGHUP applies a changed limit at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_a_backend_under_load_and_refuses_a_bad_file() {
+    let vm01 = mock("vm01", &["m"]).await;
+    let vm02 = mock("vm02", &["m"]).await;
+    let vm03 = mock("vm03", &["m"]).await;
+    let two = format!(
+        "[server]\nreload_interval = \"100ms\"\n{FAST_CHECKS}{}{}",
+        backend("vm01", &vm01.url(), &["m"], "max_concurrent_requests = 4"),
+        backend("vm02", &vm02.url(), &["m"], "max_concurrent_requests = 4"),
+    );
+    let sluice = Sluice::start(&two);
+    let config_path = sluice.dir.0.join("sluice.toml");
+    let client = client();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = steady_load(&sluice, "m", 6, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let three = format!(
+        "{two}{}",
+        backend("vm03", &vm03.url(), &["m"], "max_concurrent_requests = 4")
+    );
+    std::fs::write(&config_path, &three).unwrap();
+    let start = Instant::now();
+    while vm03.stats.requests.load(Ordering::Relaxed) < 20 {
+        assert!(start.elapsed() < Duration::from_secs(5), "vm03 takes no traffic");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("reload -> vm03 serving in {:?}", start.elapsed());
+
+    std::fs::write(&config_path, three.replace("max_concurrent_requests = 4\n[[backends]]\nname = \"vm02\"", "max_concurrent_requests = \"lots\"\n[[backends]]\nname = \"vm02\"")).unwrap();
+    let start = Instant::now();
+    while !sluice.log().contains("config reload refused") {
+        assert!(start.elapsed() < Duration::from_secs(5), "no refusal logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(sluice.log().contains("max_concurrent_requests"), "{}", sluice.log());
+    let served = vm03.stats.requests.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(vm03.stats.requests.load(Ordering::Relaxed) > served, "still serving");
+
+    // Back to a valid file: vm03 removed, higher limits.
+    std::fs::write(
+        &config_path,
+        two.replace("max_concurrent_requests = 4", "max_concurrent_requests = 7"),
+    )
+    .unwrap();
+    let start = Instant::now();
+    while backend_health(&client, &sluice, "vm01").await["max_concurrent"] != 7 {
+        assert!(start.elapsed() < Duration::from_secs(5), "reload not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, report) = health(&client, &sluice).await;
+    assert_eq!(report["backends"].as_array().unwrap().len(), 2, "vm03 removed");
+    // Requests that had read the old fleet may still reach vm03 just after.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let at_removal = vm03.stats.requests.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        vm03.stats.requests.load(Ordering::Relaxed),
+        at_removal,
+        "a removed backend gets no new requests"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (sent, failures) = load.await.unwrap();
+    assert!(failures.is_empty(), "{} of {sent} failed: {:?}", failures.len(), &failures[..failures.len().min(3)]);
+}
+
+/// With file watching off, SIGHUP reloads: a changed limit and weight
+/// apply at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_file() {
+    let vm01 = mock("vm01", &["m"]).await;
+    let config = format!(
+        "[server]\nreload_interval = \"0s\"\n{}",
+        backend("vm01", &vm01.url(), &["m"], "max_concurrent_requests = 2")
+    );
+    let sluice = Sluice::start(&config);
+    let client = client();
+    std::fs::write(
+        sluice.dir.0.join("sluice.toml"),
+        config.replace("max_concurrent_requests = 2", "max_concurrent_requests = 5"),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        backend_health(&client, &sluice, "vm01").await["max_concurrent"],
+        2,
+        "not watched: nothing changes before the signal"
+    );
+    std::process::Command::new("kill")
+        .args(["-HUP", &sluice.pid().to_string()])
+        .status()
+        .unwrap();
+    let start = Instant::now();
+    while backend_health(&client, &sluice, "vm01").await["max_concurrent"] != 5 {
+        assert!(start.elapsed() < Duration::from_secs(5), "SIGHUP not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = sluice.post_chat(&client, &chat("m")).await;
+    assert_eq!(r.status(), 200);
+}
