@@ -9,6 +9,35 @@ use std::process::Command;
 const BUNDLED: &[&str] = &["model-router", "sensitive-words", "fallback"];
 const TEST_GUESTS: &[&str] = &["pin-backend", "misbehave", "legacy-router"];
 
+/// Lists the operator console's files (`console/`, plain HTML, CSS and
+/// JavaScript with no build step) for `include_bytes!`, so the binary serves
+/// them with nothing installed beside it.
+fn embed_console(dir: &Path, out_dir: &Path) {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    let mut code = String::from("pub const ASSETS: &[(&str, &[u8])] = &[\n");
+    for file in &files {
+        let name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        code.push_str(&format!(
+            "    ({name:?}, include_bytes!({:?})),\n",
+            file.display().to_string()
+        ));
+    }
+    code.push_str("];\n");
+    std::fs::write(out_dir.join("console_assets.rs"), code).expect("writing console_assets.rs");
+}
+
 fn main() {
     let manifest_dir = PathBuf::from(
         std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
@@ -18,9 +47,10 @@ fn main() {
         .expect("host/ sits in the workspace root")
         .to_path_buf();
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for dir in ["wit", "guest", "policies", "tests/guests"] {
+    for dir in ["wit", "guest", "policies", "tests/guests", "console"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
+    embed_console(&root.join("console"), &out_dir);
     let target_dir = root.join("target").join("guests");
 
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());

@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
 # Sets up and runs every test: the wasm target the guests need, the Python
-# Prometheus parser the metrics test checks /metrics with, then the host's
-# unit and end-to-end tests (which build the guests from source), the guest
-# SDK's tests and the bundled policies' tests.
+# Prometheus parser the metrics test checks /metrics with, redis-server (the
+# shared-limits test starts its own on loopback), then the host's unit and
+# end-to-end tests (which build the guests from source), the guest SDK's and
+# the bundled policies' tests, and the console's browser tests in headless
+# Chromium.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 rustup target add wasm32-wasip2
 python3 -c "import prometheus_client" 2>/dev/null \
   || python3 -m pip install --quiet --disable-pip-version-check prometheus_client
+if ! command -v redis-server >/dev/null; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
+fi
 cargo test --release -p sluice -p sluice-guest -p sensitive-words -p fallback
+bash scripts/test-browser.sh

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::HeaderMap;
-use sluice::fleet::Fleet;
 use sluice::config::{BackendConfig, PolicyConfig, PolicyRuntimeConfig};
+use sluice::fleet::Fleet;
 use sluice::openai::{Endpoint, RequestHead};
 use sluice::policy::{Chain, Filtered, PolicyRequest, Runtime};
 

@@ -32,6 +32,8 @@ pub struct Accounting {
     reported: Option<(u64, u64)>,
     answer_text: String,
     request_body: Bytes,
+    /// The consumer's reservation, settled with the real count at the end.
+    ticket: Option<crate::limits::Ticket>,
     finished: bool,
 }
 
@@ -71,8 +73,14 @@ impl Accounting {
             reported: None,
             answer_text: String::new(),
             request_body: body,
+            ticket: None,
             finished: false,
         }
+    }
+
+    /// Keeps the consumer's admission until the request ends.
+    pub fn hold(&mut self, ticket: Option<crate::limits::Ticket>) {
+        self.ticket = ticket;
     }
 
     /// A backend answered with `status`.
@@ -161,14 +169,15 @@ impl Accounting {
         record.ttft_ms = self.first_token.map(|t| ms(t - self.started));
         let generation = self.first_token.map(|t| now - t);
         let ledger = self.ledger.clone();
+        let ticket = self.ticket.take();
         match self.reported {
             Some((prompt, completion)) => {
                 record.prompt_tokens = prompt;
                 record.completion_tokens = completion;
-                settle(&ledger, record, generation);
+                settle(&ledger, record, generation, ticket);
             }
             None if record.status >= 400 || record.status == 0 => {
-                settle(&ledger, record, generation)
+                settle(&ledger, record, generation, ticket)
             }
             None => {
                 // Counting a multi-MiB prompt takes real CPU: never on the
@@ -186,7 +195,7 @@ impl Accounting {
                         record.completion_tokens = crate::tokens::count_answer_text(&text);
                     }
                     record.estimated = true;
-                    settle(&ledger, record, generation);
+                    settle(&ledger, record, generation, ticket);
                 };
                 match handle {
                     Ok(handle) => drop(handle.spawn_blocking(count)),
@@ -211,12 +220,22 @@ fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Metrics, the access log line, and the usage store.
-fn settle(ledger: &Ledger, mut record: UsageRecord, generation: Option<std::time::Duration>) {
+/// The consumer's reservation, metrics, the access log line, and the usage
+/// store.
+fn settle(
+    ledger: &Ledger,
+    mut record: UsageRecord,
+    generation: Option<std::time::Duration>,
+    ticket: Option<crate::limits::Ticket>,
+) {
+    if let Some(ticket) = ticket {
+        ticket.settle(record.prompt_tokens + record.completion_tokens);
+    }
     if let Some(generation) = generation.filter(|g| !g.is_zero() && record.completion_tokens > 1) {
         record.tokens_per_second = Some(record.completion_tokens as f64 / generation.as_secs_f64());
     }
     metrics().request(&record);
+    crate::console::record(&record);
     if ledger.access_log {
         tracing::info!(
             target: "sluice::access",

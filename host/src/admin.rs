@@ -10,9 +10,12 @@ use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::body::Body;
-use crate::config::OnError;
+use crate::config::{ConsumerLimits, OnError};
+use crate::consumers::ConsumerError;
 use crate::deploy::{DeployError, DeployRequest, Deployer};
 use crate::errors::GatewayError;
+use crate::server::Gateway;
+use tokio::sync::watch;
 
 /// Largest component accepted by a deploy.
 const MAX_MODULE_BYTES: u64 = 64 << 20;
@@ -21,10 +24,40 @@ pub struct Admin {
     pub deployer: Arc<Deployer>,
     pub token: Option<String>,
     pub usage: Option<crate::usage::UsageStore>,
+    pub gateway: Arc<Gateway>,
+    /// The console's once-a-second snapshots.
+    pub feed: watch::Receiver<Arc<serde_json::Value>>,
 }
+
+/// Marks a request the admin listener passes to the gateway from the
+/// console's playground: the admin token stands for the client's key.
+#[derive(Clone, Copy)]
+pub struct Playground;
 
 impl Admin {
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        if request.method() == Method::GET {
+            // The console's files hold no data; every call they make
+            // needs the token.
+            let path = request.uri().path();
+            let name = match path {
+                "/" => Some("index.html"),
+                _ => path.strip_prefix("/console/"),
+            };
+            if let Some((bytes, kind)) = name.and_then(crate::console::asset) {
+                let mut response = Response::new(Body::full(Bytes::from_static(bytes)));
+                let headers = response.headers_mut();
+                headers.insert(header::CONTENT_TYPE, http::HeaderValue::from_static(kind));
+                headers.insert(
+                    header::CACHE_CONTROL,
+                    http::HeaderValue::from_static("no-cache"),
+                );
+                return response;
+            }
+        }
+        if request.uri().path().starts_with("/admin/playground/") && self.authorized(&request) {
+            return self.playground(request).await;
+        }
         if !self.authorized(&request) {
             // Read the upload before refusing it: answering mid-upload makes
             // the connection close under the client, which then sees a reset
@@ -78,7 +111,63 @@ impl Admin {
                     .map_err(|e| internal(format!("{e:#}")))?;
                 json(StatusCode::OK, &serde_json::json!({"rows": rows}))
             }
-            (&Method::PUT, ["admin", "policies", name]) => {
+            (&Method::GET, ["admin", "fleet"]) => json(
+                StatusCode::OK,
+                &crate::console::fleet_json(&self.gateway.fleet),
+            ),
+            (&Method::GET, ["admin", "events"]) => Ok(self.events()),
+            (&Method::GET, ["admin", "consumers"]) => {
+                let mut list = Vec::new();
+                for c in self.gateway.consumers.list() {
+                    let mut v = c.public();
+                    v["usage"] = self
+                        .gateway
+                        .limiter
+                        .usage(&c.name)
+                        .await
+                        .unwrap_or(serde_json::Value::Null);
+                    list.push(v);
+                }
+                json(StatusCode::OK, &list)
+            }
+            (&Method::POST, ["admin", "consumers"]) => {
+                let (parts, body) = request.into_parts();
+                let body = crate::server::read_body(&parts.headers, body, 1 << 20).await?;
+                let new: NewConsumer = serde_json::from_slice(&body).map_err(|e| {
+                    GatewayError::bad_request(
+                        format!("The consumer is not valid JSON: {e}."),
+                        "invalid_json",
+                    )
+                })?;
+                let (consumer, key) = self
+                    .gateway
+                    .consumers
+                    .create(&new.name, new.models, new.limits)?;
+                let mut v = consumer.public();
+                v["key"] = key.into();
+                json(StatusCode::CREATED, &v)
+            }
+            (&Method::POST, ["admin", "consumers", name, "rotate"]) => {
+                let key = self.gateway.consumers.rotate(name)?;
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({"name": name, "key": key}),
+                )
+            }
+            (&Method::POST, ["admin", "consumers", name, action @ ("disable" | "enable")]) => {
+                self.gateway
+                    .consumers
+                    .set_disabled(name, *action == "disable")?;
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({"name": name, "disabled": *action == "disable"}),
+                )
+            }
+            (&Method::DELETE, ["admin", "consumers", name]) => {
+                self.gateway.consumers.remove(name)?;
+                json(StatusCode::OK, &serde_json::json!({"removed": name}))
+            }
+            (&Method::PUT | &Method::POST, ["admin", "policies", name]) => {
                 let name = name.to_string();
                 let query = request.uri().query().unwrap_or("").to_string();
                 let mut deploy = deploy_request(&query)?;
@@ -112,8 +201,87 @@ impl Admin {
     }
 }
 
+/// The body of `POST /admin/consumers`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewConsumer {
+    name: String,
+    #[serde(default)]
+    models: Vec<String>,
+    #[serde(default)]
+    limits: ConsumerLimits,
+}
+
+impl Admin {
+    /// `text/event-stream` of the console's snapshots, one a second, until
+    /// the console goes away.
+    fn events(&self) -> Response<Body> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut feed = self.feed.clone();
+        tokio::spawn(async move {
+            loop {
+                let event = feed.borrow_and_update().clone();
+                if !event.is_null() {
+                    let line = format!("data: {event}\n\n");
+                    if tx.send(Bytes::from(line)).await.is_err() {
+                        return;
+                    }
+                }
+                if feed.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut response = Response::new(Body::Channel(rx));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(
+            header::CACHE_CONTROL,
+            http::HeaderValue::from_static("no-cache"),
+        );
+        response
+    }
+
+    /// `/admin/playground/v1/...`: the request goes through the gateway
+    /// exactly as a client's would, under the admin's authority.
+    async fn playground(&self, mut request: Request<Incoming>) -> Response<Body> {
+        let path = request
+            .uri()
+            .path()
+            .strip_prefix("/admin/playground")
+            .unwrap_or("/")
+            .to_string();
+        match path.parse() {
+            Ok(uri) => *request.uri_mut() = uri,
+            Err(_) => return GatewayError::NotFound(path).into_response(),
+        }
+        request.headers_mut().remove(header::AUTHORIZATION);
+        request.extensions_mut().insert(Playground);
+        self.gateway.clone().handle(request).await
+    }
+}
+
+impl From<ConsumerError> for GatewayError {
+    fn from(e: ConsumerError) -> Self {
+        let (status, code) = match &e {
+            ConsumerError::NotFound(_) => (StatusCode::NOT_FOUND, "consumer_not_found"),
+            ConsumerError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ConsumerError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_consumer"),
+            ConsumerError::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+        };
+        GatewayError::Admin {
+            status,
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
 /// Reads and discards a request body, up to `limit` bytes.
-async fn drain(mut body: Incoming, limit: u64) {
+pub(crate) async fn drain(mut body: Incoming, limit: u64) {
     use http_body_util::BodyExt;
     let mut read = 0u64;
     while let Some(Ok(frame)) = body.frame().await {

@@ -178,7 +178,11 @@ impl Backend {
             .unwrap_or_else(|| self.rules.load().check.path.clone());
         BackendUrl::parse(&config.url).is_ok_and(|u| u == self.url)
             && self.authorization.as_ref().and_then(|a| a.to_str().ok())
-                == config.api_key.as_ref().map(|k| format!("Bearer {k}")).as_deref()
+                == config
+                    .api_key
+                    .as_ref()
+                    .map(|k| format!("Bearer {k}"))
+                    .as_deref()
             && path == self.health_path
             && self.discovers_models == config.models.is_empty()
     }
@@ -191,7 +195,10 @@ impl Backend {
         if !self.discovers_models {
             self.models.store(Arc::new(config.models.clone()));
         }
-        let old = permits(self.max_concurrent.swap(config.max_concurrent_requests, Ordering::AcqRel));
+        let old = permits(
+            self.max_concurrent
+                .swap(config.max_concurrent_requests, Ordering::AcqRel),
+        );
         let new = permits(config.max_concurrent_requests);
         if new > old {
             self.limit.add_permits(new - old);
@@ -318,11 +325,17 @@ impl Backend {
             return; // already out: requests that were in flight failing too
         }
         let factor = 1u32 << ejections.min(16);
-        let backoff = rules.ejection.base.saturating_mul(factor).min(rules.ejection.max);
+        let backoff = rules
+            .ejection
+            .base
+            .saturating_mul(factor)
+            .min(rules.ejection.max);
         self.ejections.store(ejections + 1, Ordering::Relaxed);
         self.consecutive_failures.store(0, Ordering::Relaxed);
-        self.down_until_ms
-            .store(self.now_ms() + backoff.as_millis() as u64, Ordering::Relaxed);
+        self.down_until_ms.store(
+            self.now_ms() + backoff.as_millis() as u64,
+            Ordering::Relaxed,
+        );
         self.awaiting_probe.store(true, Ordering::Relaxed);
         tracing::warn!(backend = %self.name, "ejected after {failures} failed requests in a row, for {backoff:?}");
     }

@@ -16,8 +16,8 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use crate::fleet::LiveFleet;
 use crate::config::{OnError, PolicyConfig};
+use crate::fleet::LiveFleet;
 use crate::policy::{
     self, Chain, ChainEntry, LoadedPolicy, PolicySpec, Runtime, Shadow, ShadowStats,
 };
@@ -141,9 +141,15 @@ impl Deployer {
         let mut loaded = Vec::with_capacity(entries.len());
         for entry in &entries {
             let version = &entry.versions[entry.active];
-            let policy = load_version(&runtime, &fleet.load(), state_dir.as_deref(), entry, version)
-                .await
-                .with_context(|| format!("policy `{}` ({})", entry.name, version.source))?;
+            let policy = load_version(
+                &runtime,
+                &fleet.load(),
+                state_dir.as_deref(),
+                entry,
+                version,
+            )
+            .await
+            .with_context(|| format!("policy `{}` ({})", entry.name, version.source))?;
             loaded.push(Arc::new(policy));
         }
         let shadows = vec![None; entries.len()];

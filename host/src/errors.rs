@@ -52,6 +52,14 @@ pub enum GatewayError {
     QueueTimeout { model: String, waited: Duration },
     #[error("The admin API needs a valid `Authorization: Bearer` token.")]
     AdminUnauthorized,
+    /// A missing, unknown or disabled API key.
+    #[error("{0}")]
+    Auth(#[from] crate::consumers::AuthError),
+    #[error("Consumer `{consumer}` may not use the model `{model}`.")]
+    ModelNotAllowed { consumer: String, model: String },
+    /// Over one of the consumer's limits, or the limits' store is down.
+    #[error("{0}")]
+    Limited(#[from] crate::limits::Refusal),
     /// An admin operation refused (bad module, unknown policy, conflict).
     #[error("{message}")]
     Admin {
@@ -85,6 +93,12 @@ impl GatewayError {
             | QueueTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             BackendUnreachable { .. } | BackendStatus { .. } => StatusCode::BAD_GATEWAY,
             AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            Auth(crate::consumers::AuthError::Disabled(_)) | ModelNotAllowed { .. } => {
+                StatusCode::FORBIDDEN
+            }
+            Auth(_) => StatusCode::UNAUTHORIZED,
+            Limited(crate::limits::Refusal::Limited { .. }) => StatusCode::TOO_MANY_REQUESTS,
+            Limited(crate::limits::Refusal::StoreDown(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Admin { status, .. } => *status,
             BackendTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -107,6 +121,11 @@ impl GatewayError {
             BackendTimeout { .. } => "backend_timeout",
             BackendStatus { .. } => "backend_error",
             AdminUnauthorized => "invalid_admin_token",
+            Auth(crate::consumers::AuthError::Disabled(_)) => "consumer_disabled",
+            Auth(_) => "invalid_api_key",
+            ModelNotAllowed { .. } => "model_not_allowed",
+            Limited(crate::limits::Refusal::Limited { code, .. }) => code,
+            Limited(crate::limits::Refusal::StoreDown(_)) => "rate_limiter_unavailable",
             QueueFull { .. } => "queue_full",
             QueueTimeout { .. } => "queue_timeout",
             Admin { code, .. } => code,
@@ -141,13 +160,24 @@ impl GatewayError {
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, Body::JSON);
-        if matches!(
-            self,
-            GatewayError::QueueFull { .. } | GatewayError::QueueTimeout { .. }
-        ) {
+        let retry_after = match &self {
+            GatewayError::QueueFull { .. }
+            | GatewayError::QueueTimeout { .. }
+            | GatewayError::Limited(crate::limits::Refusal::StoreDown(_)) => Some(1),
+            GatewayError::Limited(crate::limits::Refusal::Limited { retry_after, .. }) => {
+                Some(*retry_after)
+            }
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         if status == StatusCode::METHOD_NOT_ALLOWED {
             response

@@ -17,9 +17,9 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::accounting::Accounting;
-use crate::fleet::Fleet;
 use crate::body::Body;
 use crate::errors::GatewayError;
+use crate::fleet::Fleet;
 use crate::openai::Endpoint;
 use crate::policy::{Chain, Filtered, Route, Runtime};
 use crate::proxy::Answer;

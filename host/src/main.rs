@@ -110,6 +110,12 @@ enum Command {
         #[arg(long, short, env = "SLUICE_CONFIG", default_value = "sluice.toml")]
         config: PathBuf,
     },
+    /// Make a new consumer API key and print it with the hash that goes in
+    /// `[[consumers]] key_hashes` (the file never holds the key itself).
+    NewKey,
+    /// Print the `sha256:` hash of an existing API key (read from stdin
+    /// when not given, so it stays out of the shell history).
+    HashKey { key: Option<String> },
     /// Run the gateway with two simulated GPU backends; nothing external needed.
     Demo {
         #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8080")]
@@ -261,6 +267,25 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::NewKey => {
+            let key = sluice::consumers::new_key().context("reading /dev/urandom")?;
+            println!("key: {key}");
+            println!("key_hashes = [{:?}]", sluice::consumers::hash_key(&key));
+            Ok(())
+        }
+        Command::HashKey { key } => {
+            let key = match key {
+                Some(key) => key,
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim().to_string()
+                }
+            };
+            anyhow::ensure!(!key.is_empty(), "no key given");
+            println!("{}", sluice::consumers::hash_key(&key));
+            Ok(())
+        }
         Command::Demo { listen } => demo::run(listen, shutdown_signal()).await,
         Command::MockBackend {
             listen,
@@ -317,11 +342,7 @@ async fn serve(
 
     let gateway = server::Gateway::new(&config).await?;
     gateway.checker.start().await;
-    tokio::spawn(sluice::reload::watch(
-        path,
-        gateway.clone(),
-        config.clone(),
-    ));
+    tokio::spawn(sluice::reload::watch(path, gateway.clone(), config.clone()));
     let listener = server::bind(config.server.listen).await?;
     let admin_listener = server::bind(admin_addr).await?;
     let usage = gateway.ledger.store.clone();
@@ -329,6 +350,8 @@ async fn serve(
         deployer: gateway.deployer.clone(),
         token,
         usage: usage.clone(),
+        gateway: gateway.clone(),
+        feed: sluice::console::start_feed(gateway.fleet.clone()),
     });
     if let Some(dir) = config.policy_store.watch_dir.clone() {
         tokio::spawn(

@@ -53,6 +53,12 @@ pub struct BackendLabels {
     pub backend: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub consumer: String,
+    pub code: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
@@ -66,6 +72,8 @@ pub struct Metrics {
     tokens_per_second: HistogramFamily<ModelLabels>,
     in_flight: Family<BackendLabels, Gauge>,
     healthy: Family<BackendLabels, Gauge>,
+    limit_store_errors: Counter,
+    refusals: Family<RefusalLabels, Counter>,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -140,8 +148,22 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "1 when the backend is in rotation",
         healthy.clone(),
     );
+    let limit_store_errors = Counter::default();
+    registry.register(
+        "sluice_limit_store_errors",
+        "Calls to the limits' counter store (Redis) that failed or timed out",
+        limit_store_errors.clone(),
+    );
+    let refusals = Family::<RefusalLabels, Counter>::default();
+    registry.register(
+        "sluice_consumer_refusals",
+        "Requests refused by consumer and code (invalid_api_key, rate_limit_exceeded, ...)",
+        refusals.clone(),
+    );
     Metrics {
         registry,
+        limit_store_errors,
+        refusals,
         policy_seconds,
         policy_failures,
         requests,
@@ -166,6 +188,22 @@ impl Metrics {
                 phase,
             })
             .observe(took.as_secs_f64());
+    }
+
+    pub fn limit_store_error(&self) {
+        self.limit_store_errors.inc();
+    }
+
+    /// A request refused for its credentials or its consumer's limits;
+    /// `consumer` is empty when the key was unknown (bounded: consumer
+    /// names come from configuration and the admin API).
+    pub fn refusal(&self, consumer: &str, code: &'static str) {
+        self.refusals
+            .get_or_create(&RefusalLabels {
+                consumer: consumer.to_string(),
+                code,
+            })
+            .inc();
     }
 
     pub fn policy_failure(&self, policy: &str, kind: FailureKind) {

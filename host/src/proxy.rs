@@ -21,13 +21,13 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::backends::{Backend, ModelLoad, Slot};
 use crate::config::{RetryConfig, ServerConfig};
-use crate::stats::Waiting;
-use arc_swap::ArcSwap;
-use crate::fleet::Fleet;
 use crate::errors::GatewayError;
+use crate::fleet::Fleet;
 use crate::openai;
 use crate::policy::contract::{AttemptFailure, AttemptFailureKind, FailureDecision};
 use crate::policy::{Chain, Route, Runtime, Target};
+use crate::stats::Waiting;
+use arc_swap::ArcSwap;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
 /// plus `host`, which the client sets anew.
@@ -169,7 +169,14 @@ impl Upstream {
             let body = bodies.for_model(&target.model)?;
             let load = fleet.model_load(&target.model).cloned();
             let (kind, error, answer) = match self
-                .attempt(&target, slot, path_and_query, &route.headers, body, load.as_ref())
+                .attempt(
+                    &target,
+                    slot,
+                    path_and_query,
+                    &route.headers,
+                    body,
+                    load.as_ref(),
+                )
                 .await
             {
                 Attempt::Answered(answer) => return Ok(answer),
@@ -194,7 +201,9 @@ impl Upstream {
             };
             let decision = if chain.handles_failures() {
                 chain.on_failure(runtime, fleet, route, &failure).await?
-            } else if kind == AttemptFailureKind::Status && !retry.on_status.contains(&failure.status) {
+            } else if kind == AttemptFailureKind::Status
+                && !retry.on_status.contains(&failure.status)
+            {
                 FailureDecision::GiveUp
             } else {
                 FailureDecision::Next

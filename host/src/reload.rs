@@ -81,25 +81,42 @@ fn apply(gateway: &Gateway, running: &Config, next: Config, why: &str) {
                 gateway.checker.watch(backend);
             }
             gateway.upstream.set_retry(next.retry.clone());
+            if let Err(e) = gateway.consumers.set_configured(&next.consumers) {
+                tracing::error!(
+                    reason = why,
+                    "config reload: [[consumers]] refused, the running ones stay: {e}"
+                );
+            }
             tracing::info!(
                 reason = why,
                 added = ?summary.added,
                 removed = ?summary.removed,
                 kept = ?summary.kept,
-                "config reloaded: fleet, health checks, ejection and retries applied"
+                "config reloaded: fleet, health checks, ejection, retries and consumers applied"
             );
         }
         Err(e) => {
-            tracing::error!(reason = why, "config reload refused, the running config stays: {e}");
+            tracing::error!(
+                reason = why,
+                "config reload refused, the running config stays: {e}"
+            );
             return;
         }
     }
     let needs_restart = [
         ("server", differs(&running.server, &next.server)),
-        ("policy_runtime", differs(&running.policy_runtime, &next.policy_runtime)),
-        ("policy_store", differs(&running.policy_store, &next.policy_store)),
+        (
+            "policy_runtime",
+            differs(&running.policy_runtime, &next.policy_runtime),
+        ),
+        (
+            "policy_store",
+            differs(&running.policy_store, &next.policy_store),
+        ),
         ("usage", differs(&running.usage, &next.usage)),
         ("policies", differs(&running.policies, &next.policies)),
+        ("auth", differs(&running.auth, &next.auth)),
+        ("limits", differs(&running.limits, &next.limits)),
     ];
     for (section, changed) in needs_restart {
         if changed {
@@ -108,7 +125,10 @@ fn apply(gateway: &Gateway, running: &Config, next: Config, why: &str) {
             } else {
                 "takes effect at the next restart"
             };
-            tracing::warn!(section, "config reload: this section changed but is not applied live: {hint}");
+            tracing::warn!(
+                section,
+                "config reload: this section changed but is not applied live: {hint}"
+            );
         }
     }
 }

@@ -19,13 +19,15 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::accounting::{Accounting, Ledger};
-use crate::fleet::LiveFleet;
-use crate::health::Checker;
 use crate::body::Body;
 use crate::config::Config;
+use crate::consumers::{AuthError, Consumer, Consumers, Identity};
 use crate::deploy::Deployer;
 use crate::errors::GatewayError;
 use crate::filter::Filter;
+use crate::fleet::LiveFleet;
+use crate::health::Checker;
+use crate::limits::{Limiter, Ticket};
 use crate::openai::{self, Endpoint, RequestHead};
 use crate::policy::{Chain, PolicyRequest, Runtime};
 use crate::proxy::{Answer, Upstream};
@@ -43,6 +45,8 @@ pub struct Gateway {
     pub upstream: Upstream,
     max_body_bytes: u64,
     pub ledger: Arc<Ledger>,
+    pub consumers: Arc<Consumers>,
+    pub limiter: Arc<Limiter>,
     next_id: AtomicU64,
     started_at: u64,
 }
@@ -77,8 +81,19 @@ impl Gateway {
             store,
             access_log: config.usage.access_log,
         });
+        let consumers = Arc::new(
+            Consumers::new(
+                config.auth.required,
+                &config.consumers,
+                config.policy_store.state_dir.as_deref(),
+            )
+            .context("consumers")?,
+        );
+        let limiter = Arc::new(Limiter::new(&config.limits)?);
         let server = &config.server;
         Ok(Arc::new(Gateway {
+            consumers,
+            limiter,
             checker: Checker::new(fleet.clone()),
             fleet,
             runtime,
@@ -116,9 +131,9 @@ impl Gateway {
                     *response.status_mut() = status;
                     Ok(response)
                 }
-                (&Method::GET, "/load-stats") => Ok(json_response(
-                    &crate::stats::load_stats(&self.fleet.load()),
-                )),
+                (&Method::GET, "/load-stats") => {
+                    Ok(json_response(&crate::stats::load_stats(&self.fleet.load())))
+                }
                 (&Method::GET, "/metrics") => {
                     let text = crate::metrics::metrics().render_with(&self.fleet.load());
                     let mut response = Response::new(Body::full(text));
@@ -140,8 +155,43 @@ impl Gateway {
         request: Request<Incoming>,
     ) -> Result<Response<Body>, GatewayError> {
         let (parts, body) = request.into_parts();
+        let authorization = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let playground = parts.extensions.get::<crate::admin::Playground>().is_some();
+        let identity = if playground {
+            Ok(Identity::Anonymous)
+        } else {
+            self.consumers.identify(authorization)
+        };
+        let consumer = match identity {
+            Ok(Identity::Known(consumer)) => Some(consumer),
+            Ok(Identity::Anonymous) => None,
+            Err(e) => {
+                crate::metrics::metrics().refusal(
+                    match &e {
+                        AuthError::Disabled(name) => name,
+                        _ => "",
+                    },
+                    if matches!(e, AuthError::Disabled(_)) {
+                        "consumer_disabled"
+                    } else {
+                        "invalid_api_key"
+                    },
+                );
+                // Read the body first: refusing mid-upload resets the
+                // connection under the client, which then never sees the 401.
+                crate::admin::drain(body, self.max_body_bytes).await;
+                return Err(e.into());
+            }
+        };
         let body = read_body(&parts.headers, body, self.max_body_bytes).await?;
         let head = RequestHead::parse(&body)?;
+        let ticket = match &consumer {
+            Some(c) => self.admit(c, endpoint, &head, &body).await?,
+            None => None,
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut acct = Accounting::start(
             self.ledger.clone(),
@@ -149,9 +199,10 @@ impl Gateway {
             endpoint.name(),
             &head.model,
             head.stream,
-            None,
+            consumer.as_ref().map(|c| c.name.clone()),
             body.clone(),
         );
+        acct.hold(ticket);
         // The client's own stream options decide what it sees; the gateway
         // asks for usage regardless, to count exactly, and strips it again.
         let strip_usage = head.stream && endpoint != Endpoint::Embeddings && !head.include_usage;
@@ -160,7 +211,7 @@ impl Gateway {
             endpoint,
             path: parts.uri.path().to_string(),
             head,
-            consumer: None,
+            consumer: consumer.map(|c| c.name.clone()),
             headers: Arc::new(parts.headers),
             body,
         };
@@ -224,6 +275,48 @@ impl Gateway {
             parts,
             Body::backend(first, incoming, slot, acct),
         ))
+    }
+}
+
+impl Gateway {
+    /// Checks the consumer may use the model and is within its limits, and
+    /// reserves its share of them.
+    async fn admit(
+        &self,
+        consumer: &Consumer,
+        endpoint: Endpoint,
+        head: &RequestHead,
+        body: &Bytes,
+    ) -> Result<Option<Ticket>, GatewayError> {
+        if !consumer.allows(&head.model) {
+            crate::metrics::metrics().refusal(&consumer.name, "model_not_allowed");
+            return Err(GatewayError::ModelNotAllowed {
+                consumer: consumer.name.clone(),
+                model: head.model.clone(),
+            });
+        }
+        let limits = &consumer.limits;
+        let tokens = if limits.tokens_per_minute.is_some() || limits.tokens_per_day.is_some() {
+            crate::limits::reservation(
+                body,
+                endpoint == Endpoint::Embeddings,
+                self.limiter.default_max_tokens,
+            )
+            .await
+        } else {
+            0
+        };
+        self.limiter
+            .admit(consumer, tokens)
+            .await
+            .map_err(|refusal| {
+                let code = match &refusal {
+                    crate::limits::Refusal::Limited { code, .. } => *code,
+                    crate::limits::Refusal::StoreDown(_) => "rate_limiter_unavailable",
+                };
+                crate::metrics::metrics().refusal(&consumer.name, code);
+                GatewayError::from(refusal)
+            })
     }
 }
 

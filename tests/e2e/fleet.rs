@@ -83,7 +83,8 @@ fn steady_load(
         let sent = Arc::new(AtomicU64::new(0));
         let tasks: Vec<_> = (0..workers)
             .map(|_| {
-                let (url, model, stop, sent) = (url.clone(), model.clone(), stop.clone(), sent.clone());
+                let (url, model, stop, sent) =
+                    (url.clone(), model.clone(), stop.clone(), sent.clone());
                 tokio::spawn(async move {
                     let client = client();
                     let mut failures = Vec::new();
@@ -93,7 +94,11 @@ fn steady_load(
                             Ok(r) if r.status() == 200 => {
                                 let _ = r.bytes().await;
                             }
-                            Ok(r) => failures.push(format!("{}: {}", r.status(), r.text().await.unwrap_or_default())),
+                            Ok(r) => failures.push(format!(
+                                "{}: {}",
+                                r.status(),
+                                r.text().await.unwrap_or_default()
+                            )),
                             Err(e) => failures.push(e.to_string()),
                         }
                         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -144,7 +149,10 @@ async fn a_stopped_backend_is_marked_down_and_recovers_by_itself() {
     let entry = backend_health(&client, &sluice, "vm02").await;
     assert!(entry["last_error"].as_str().is_some(), "{entry}");
     assert!(entry["last_check"].as_u64().is_some(), "{entry}");
-    eprintln!("vm02 killed -> marked down in {:?}", down.min(killed.elapsed()));
+    eprintln!(
+        "vm02 killed -> marked down in {:?}",
+        down.min(killed.elapsed())
+    );
 
     let vm02 = revive(addr, MockConfig::new("vm02", &["m"])).await;
     let up = until_health(&client, &sluice, "vm02", true, Duration::from_secs(5)).await;
@@ -152,7 +160,12 @@ async fn a_stopped_backend_is_marked_down_and_recovers_by_itself() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     let (sent, failures) = load.await.unwrap();
-    assert!(failures.is_empty(), "{} of {sent} failed: {:?}", failures.len(), &failures[..failures.len().min(3)]);
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
     assert!(
         vm02.stats.requests.load(Ordering::Relaxed) > 0,
         "traffic returned to vm02"
@@ -184,7 +197,11 @@ async fn health_is_503_when_every_backend_is_down_and_models_lists_healthy_ones(
     assert_eq!(models().await, ["a", "b"]);
     vm02.stop();
     until_health(&client, &sluice, "vm02", false, Duration::from_secs(5)).await;
-    assert_eq!(models().await, ["a"], "a down backend's models are not listed");
+    assert_eq!(
+        models().await,
+        ["a"],
+        "a down backend's models are not listed"
+    );
     let (status, _) = health(&client, &sluice).await;
     assert_eq!(status, 200, "one backend is still up");
     vm01.stop();
@@ -214,18 +231,14 @@ async fn a_hung_backend_times_out_and_the_request_moves_on() {
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["x-sluice-backend"], "vm02");
     }
-    let stats: Value = client
-        .get(sluice.url("/load-stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = get_json(&client, &sluice.url("/load-stats")).await;
     let vm01_stats = &stats["backends"][0];
     assert_eq!(vm01_stats["name"], "vm01");
     assert!(vm01_stats["failures"].as_u64().unwrap() >= 1, "{stats}");
-    assert_eq!(vm01_stats["healthy"], false, "ejected after its timeouts: {stats}");
+    assert_eq!(
+        vm01_stats["healthy"], false,
+        "ejected after its timeouts: {stats}"
+    );
     assert_eq!(stats["backends"][1]["served"], 20, "{stats}");
     let model = &stats["models"][0];
     assert_eq!(model["model"], "m");
@@ -259,7 +272,11 @@ async fn retries_follow_the_configured_statuses_and_bound() {
     for _ in 0..30 {
         let r = sluice.post_chat(&client, &chat("m")).await;
         if r.headers()["x-sluice-backend"] == "vm01" {
-            assert_eq!(r.status(), 500, "a 500 is not in on_status: the client gets it");
+            assert_eq!(
+                r.status(),
+                500,
+                "a 500 is not in on_status: the client gets it"
+            );
             passed_through += 1;
         }
     }
@@ -278,8 +295,14 @@ async fn retries_follow_the_configured_statuses_and_bound() {
     }
     let after = [&vm01, &vm02, &vm03].map(|m| m.stats.requests.load(Ordering::Relaxed));
     let attempts: u64 = after.iter().zip(before).map(|(a, b)| a - b).sum();
-    assert!(failed > 0, "with max_retries = 1 some requests meet two 503s");
-    assert!(attempts <= 60, "at most two attempts per request, saw {attempts}");
+    assert!(
+        failed > 0,
+        "with max_retries = 1 some requests meet two 503s"
+    );
+    assert!(
+        attempts <= 60,
+        "at most two attempts per request, saw {attempts}"
+    );
 }
 
 /// A backend configured without models is asked for them, at start and at
@@ -306,7 +329,10 @@ async fn models_are_discovered_and_follow_the_backend() {
         if r.status() == 200 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "qwen never appeared");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "qwen never appeared"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let entry = backend_health(&client, &sluice, "vm01").await;
@@ -340,21 +366,41 @@ async fn reload_adds_a_backend_under_load_and_refuses_a_bad_file() {
     std::fs::write(&config_path, &three).unwrap();
     let start = Instant::now();
     while vm03.stats.requests.load(Ordering::Relaxed) < 20 {
-        assert!(start.elapsed() < Duration::from_secs(5), "vm03 takes no traffic");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "vm03 takes no traffic"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     eprintln!("reload -> vm03 serving in {:?}", start.elapsed());
 
-    std::fs::write(&config_path, three.replace("max_concurrent_requests = 4\n[[backends]]\nname = \"vm02\"", "max_concurrent_requests = \"lots\"\n[[backends]]\nname = \"vm02\"")).unwrap();
+    std::fs::write(
+        &config_path,
+        three.replace(
+            "max_concurrent_requests = 4\n[[backends]]\nname = \"vm02\"",
+            "max_concurrent_requests = \"lots\"\n[[backends]]\nname = \"vm02\"",
+        ),
+    )
+    .unwrap();
     let start = Instant::now();
     while !sluice.log().contains("config reload refused") {
-        assert!(start.elapsed() < Duration::from_secs(5), "no refusal logged");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no refusal logged"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(sluice.log().contains("max_concurrent_requests"), "{}", sluice.log());
+    assert!(
+        sluice.log().contains("max_concurrent_requests"),
+        "{}",
+        sluice.log()
+    );
     let served = vm03.stats.requests.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(vm03.stats.requests.load(Ordering::Relaxed) > served, "still serving");
+    assert!(
+        vm03.stats.requests.load(Ordering::Relaxed) > served,
+        "still serving"
+    );
 
     // Back to a valid file: vm03 removed, higher limits.
     std::fs::write(
@@ -364,11 +410,18 @@ async fn reload_adds_a_backend_under_load_and_refuses_a_bad_file() {
     .unwrap();
     let start = Instant::now();
     while backend_health(&client, &sluice, "vm01").await["max_concurrent"] != 7 {
-        assert!(start.elapsed() < Duration::from_secs(5), "reload not applied");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "reload not applied"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (_, report) = health(&client, &sluice).await;
-    assert_eq!(report["backends"].as_array().unwrap().len(), 2, "vm03 removed");
+    assert_eq!(
+        report["backends"].as_array().unwrap().len(),
+        2,
+        "vm03 removed"
+    );
     // Requests that had read the old fleet may still reach vm03 just after.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let at_removal = vm03.stats.requests.load(Ordering::Relaxed);
@@ -380,7 +433,12 @@ async fn reload_adds_a_backend_under_load_and_refuses_a_bad_file() {
     );
     stop.store(true, Ordering::Relaxed);
     let (sent, failures) = load.await.unwrap();
-    assert!(failures.is_empty(), "{} of {sent} failed: {:?}", failures.len(), &failures[..failures.len().min(3)]);
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
 }
 
 /// With file watching off, SIGHUP reloads: a changed limit and weight
@@ -411,7 +469,10 @@ async fn sighup_reloads_the_file() {
         .unwrap();
     let start = Instant::now();
     while backend_health(&client, &sluice, "vm01").await["max_concurrent"] != 5 {
-        assert!(start.elapsed() < Duration::from_secs(5), "SIGHUP not applied");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "SIGHUP not applied"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let r = sluice.post_chat(&client, &chat("m")).await;

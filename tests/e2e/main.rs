@@ -4,6 +4,7 @@
 mod common;
 
 mod cli;
+mod consumers;
 mod deploy;
 mod errors;
 mod fleet;

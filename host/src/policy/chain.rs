@@ -18,9 +18,9 @@ use super::guest::CallContext;
 use super::runtime::Pre;
 use super::{builtin, FailureKind, PolicyError, Runtime};
 use crate::backends::Backend;
-use crate::fleet::Fleet;
 use crate::config::{OnError, PolicyConfig};
 use crate::errors::GatewayError;
+use crate::fleet::Fleet;
 use crate::metrics::metrics;
 use crate::openai::{Endpoint, RequestHead};
 

@@ -1,5 +1,6 @@
-//! Test guest: routes to the backend named in the `x-pin-backend` header (or
-//! the configured `default`), rewrites the model when `x-pin-model` is set,
+//! Test guest: routes to the backend named in the `x-pin-backend` header, or
+//! the one named like the request's consumer, or the configured `default`;
+//! rewrites the model when `x-pin-model` is set,
 //! and rejects with 418 when the body's `user` is "teapot" — so a test can
 //! observe headers, body, config, fleet and every kind of decision.
 
@@ -35,8 +36,13 @@ impl Policy for PinBackend {
                 return Decision::reject(418, "teapot", "short and stout");
             }
         }
-        let backend =
-            request::header("x-pin-backend").unwrap_or_else(|| self.config.default.clone());
+        let tenant = req
+            .consumer
+            .clone()
+            .filter(|c| fleet::backends().iter().any(|b| &b.name == c));
+        let backend = request::header("x-pin-backend")
+            .or(tenant)
+            .unwrap_or_else(|| self.config.default.clone());
         if !fleet::backends().iter().any(|b| b.name == backend) {
             log::warn(&format!("no backend named {backend}; routing anyway"));
         }

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Browser tests of the operator console (tests/browser): installs Debian's
+# Chromium and playwright-core when missing, then drives the console in
+# headless Chromium against the sluice binary at ${SLUICE_BIN:-target/release/sluice}
+# (build it first: cargo build --release -p sluice). Screenshots of every step
+# land in tests/browser/artifacts/. CONSOLE_FAKE_ADMIN=1 puts the stand-in
+# admin server (tests/browser/fake-admin.mjs) in front of the gateway instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export SLUICE_BIN="$(realpath -m "${SLUICE_BIN:-target/release/sluice}")"
+export CHROMIUM_BIN="${CHROMIUM_BIN:-/usr/bin/chromium}"
+
+if [ ! -x "$CHROMIUM_BIN" ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+fi
+command -v node >/dev/null && command -v npm >/dev/null || {
+  echo "test-browser: node and npm are needed (apt-get install nodejs npm)" >&2
+  exit 1
+}
+if [ ! -x "$SLUICE_BIN" ]; then
+  echo "test-browser: no sluice binary at $SLUICE_BIN (cargo build --release -p sluice, or set SLUICE_BIN)" >&2
+  exit 1
+fi
+
+cd tests/browser
+if [ ! -d node_modules/playwright-core ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+rm -rf artifacts
+mkdir -p artifacts
+# Bounded: node's runner stops a test after 4 minutes, timeout stops everything after 8.
+timeout --kill-after=10s 480s node --test --test-concurrency=1 --test-timeout=240000 console.test.mjs

@@ -1,0 +1,374 @@
+//! Consumers: API keys (hashed), allowed models, limits reserved at
+//! admission, the admin API, and limits shared by replicas through Redis.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use sluice::consumers::hash_key;
+
+use crate::common::*;
+
+/// A `[[consumers]]` entry with `key`'s hash and extra lines.
+fn consumer(name: &str, key: &str, extra: &str) -> String {
+    format!(
+        "[[consumers]]\nname = {name:?}\nkey_hashes = [{:?}]\n{extra}\n",
+        hash_key(key)
+    )
+}
+
+async fn chat_as(
+    client: &reqwest::Client,
+    sluice: &Sluice,
+    key: Option<&str>,
+    body: &Value,
+) -> reqwest::Response {
+    let mut request = client.post(sluice.url("/v1/chat/completions")).json(body);
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    request.send().await.unwrap()
+}
+
+/// Waits out the end of a minute, so a test's window does not roll over
+/// in the middle of it.
+async fn fresh_minute() {
+    let second = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        % 60;
+    if second >= 45 {
+        tokio::time::sleep(Duration::from_secs(61 - second)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_checked_and_consumers_reach_policies_and_records() {
+    let vm01 = mock("vm01", &["m", "secret-model"]).await;
+    let alice = mock("alice", &["m"]).await;
+    let sluice = Sluice::start(&format!(
+        "[auth]\nrequired = true\n{}{}{}{}[[policies]]\nname = \"pin\"\nmodule = {:?}\nconfig = {{ default = \"vm01\" }}\n",
+        consumer("alice", "sk-alice", "models = [\"m\"]"),
+        consumer("bob", "sk-bob", "disabled = true"),
+        backend("vm01", &vm01.url(), &["m", "secret-model"], ""),
+        backend("alice", &alice.url(), &["m"], ""),
+        test_guest("pin-backend"),
+    ));
+    let client = client();
+    let r = chat_as(&client, &sluice, None, &chat("m")).await;
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    expect_error(r, 401, "invalid_api_key").await;
+    let r = chat_as(&client, &sluice, Some("sk-wrong"), &chat("m")).await;
+    expect_error(r, 401, "invalid_api_key").await;
+    let r = chat_as(&client, &sluice, Some("sk-bob"), &chat("m")).await;
+    expect_error(r, 403, "consumer_disabled").await;
+    let r = chat_as(&client, &sluice, Some("sk-alice"), &chat("secret-model")).await;
+    expect_error(r, 403, "model_not_allowed").await;
+    // A big upload refused for its key still gets its 401, not a reset.
+    let big = json!({"model": "m", "messages": [{"role": "user", "content": "x".repeat(3 << 20)}]});
+    let r = chat_as(&client, &sluice, Some("sk-wrong"), &big).await;
+    expect_error(r, 401, "invalid_api_key").await;
+
+    // The pin-backend guest routes a consumer to the backend of its name;
+    // it refuses if it ever sees the credential.
+    let r = chat_as(&client, &sluice, Some("sk-alice"), &chat("m")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-sluice-backend"], "alice");
+    let (_, body) = alice.stats.last_request().unwrap();
+    assert_eq!(body["model"], "m");
+
+    let start = Instant::now();
+    let rows = loop {
+        let usage: Value =
+            get_json(&client, &sluice.admin_url("/admin/usage?group_by=consumer")).await;
+        let rows = usage["rows"].as_array().unwrap().clone();
+        if rows.iter().any(|r| r["group"]["consumer"] == "alice")
+            || start.elapsed() > Duration::from_secs(5)
+        {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let alice_row = rows
+        .iter()
+        .find(|r| r["group"]["consumer"] == "alice")
+        .expect("alice's usage");
+    assert!(alice_row["requests"].as_u64().unwrap() >= 1, "{rows:?}");
+    let log = sluice.log();
+    assert!(
+        !log.contains("sk-alice") && !log.contains("sk-wrong"),
+        "a key reached the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_creates_rotates_and_disables_consumers() {
+    let vm01 = mock("vm01", &["m"]).await;
+    let sluice = Sluice::start(&format!(
+        "[auth]\nrequired = true\n{}{}",
+        consumer("file-made", "sk-file", ""),
+        backend("vm01", &vm01.url(), &["m"], ""),
+    ));
+    let client = client();
+    let created: Value = {
+        let r = client
+            .post(sluice.admin_url("/admin/consumers"))
+            .json(
+                &json!({"name": "carol", "models": ["m"], "limits": {"requests_per_minute": 100}}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        r.json().await.unwrap()
+    };
+    let key = created["key"].as_str().unwrap().to_string();
+    assert!(key.starts_with("sk-sluice-"));
+    assert_eq!(
+        chat_as(&client, &sluice, Some(&key), &chat("m"))
+            .await
+            .status(),
+        200
+    );
+
+    let list: Value = get_json(&client, &sluice.admin_url("/admin/consumers")).await;
+    let text = list.to_string();
+    assert!(
+        !text.contains(&key) && !text.contains(&hash_key(&key)),
+        "{text}"
+    );
+    let carol = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "carol")
+        .unwrap();
+    assert_eq!(carol["usage"]["requests_this_minute"], 1, "{carol}");
+    assert_eq!(carol["managed_by"], "api");
+
+    let rotated: Value = client
+        .post(sluice.admin_url("/admin/consumers/carol/rotate"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let new_key = rotated["key"].as_str().unwrap();
+    let r = chat_as(&client, &sluice, Some(&key), &chat("m")).await;
+    expect_error(r, 401, "invalid_api_key").await;
+    assert_eq!(
+        chat_as(&client, &sluice, Some(new_key), &chat("m"))
+            .await
+            .status(),
+        200
+    );
+
+    let r = client
+        .post(sluice.admin_url("/admin/consumers/carol/disable"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = chat_as(&client, &sluice, Some(new_key), &chat("m")).await;
+    expect_error(r, 403, "consumer_disabled").await;
+    let r = client
+        .post(sluice.admin_url("/admin/consumers/file-made/disable"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        409,
+        "the file's consumers are changed in the file"
+    );
+
+    // Consumers made by the API survive a restart.
+    let sluice = sluice.restart();
+    let r = chat_as(&client, &sluice, Some(new_key), &chat("m")).await;
+    expect_error(r, 403, "consumer_disabled").await;
+    client
+        .post(sluice.admin_url("/admin/consumers/carol/enable"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        chat_as(&client, &sluice, Some(new_key), &chat("m"))
+            .await
+            .status(),
+        200
+    );
+}
+
+/// 100 concurrent requests against a token limit: reservations at
+/// admission keep the total within one request's reservation of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_limit_holds_under_a_hundred_concurrent_requests() {
+    let vm01 = mock_with(paced("vm01", &["m"], sluice::mock::Flavor::Vllm, 5, 16)).await;
+    const LIMIT: u64 = 400;
+    let sluice = Sluice::start(&format!(
+        "{}{}",
+        consumer("dave", "sk-dave", &format!("tokens_per_minute = {LIMIT}")),
+        backend("vm01", &vm01.url(), &["m"], ""),
+    ));
+    let client = client();
+    fresh_minute().await;
+    let mut body = chat("m");
+    body["max_tokens"] = json!(16);
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let (client, url, body) = (
+                client.clone(),
+                sluice.url("/v1/chat/completions"),
+                body.clone(),
+            );
+            tokio::spawn(async move {
+                let r = client
+                    .post(url)
+                    .bearer_auth("sk-dave")
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let retry_after = r
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_string());
+                let body: Value = r.json().await.unwrap();
+                (status, retry_after, body)
+            })
+        })
+        .collect();
+    let (mut ok, mut limited, mut used) = (0u64, 0, 0u64);
+    for t in tasks {
+        let (status, retry_after, body) = t.await.unwrap();
+        match status {
+            200 => {
+                ok += 1;
+                used += body["usage"]["total_tokens"].as_u64().unwrap();
+            }
+            429 => {
+                limited += 1;
+                assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+                assert_eq!(body["error"]["type"], "rate_limit_error");
+                let after: u64 = retry_after.expect("Retry-After").parse().unwrap();
+                assert!((1..=60).contains(&after));
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    let per_request = used / ok.max(1);
+    eprintln!("{ok} admitted, {limited} refused, {used} tokens used of {LIMIT}");
+    assert!(ok >= 1 && limited >= 1);
+    assert!(
+        used <= LIMIT + per_request + 16,
+        "{used} tokens used by {ok} requests overshoots {LIMIT} by more than one request"
+    );
+    assert!(ok + limited == 100);
+}
+
+/// A `redis-server` on a free loopback port, stopped when dropped.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (apt install redis-server; scripts/test-all.sh does)");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two replicas sharing one Redis enforce one limit; when Redis goes away
+/// the configured policy answers at once, never a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_limit_through_redis() {
+    let vm01 = mock("vm01", &["m"]).await;
+    let mut redis = Redis::start();
+    let config = |on_error: &str| {
+        format!(
+            "[limits]\nredis_url = {:?}\non_store_error = {on_error:?}\nredis_timeout = \"300ms\"\n{}{}",
+            redis.url(),
+            consumer("erin", "sk-erin", "requests_per_minute = 10"),
+            backend("vm01", &vm01.url(), &["m"], ""),
+        )
+    };
+    let a = Sluice::start(&config("fail-closed"));
+    let b = Sluice::start(&config("fail-open"));
+    let client = client();
+    fresh_minute().await;
+    let mut ok = 0;
+    for i in 0..30 {
+        let replica = if i % 2 == 0 { &a } else { &b };
+        let r = chat_as(&client, replica, Some("sk-erin"), &chat("m")).await;
+        match r.status().as_u16() {
+            200 => ok += 1,
+            429 => {
+                expect_error(r, 429, "rate_limit_exceeded").await;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(
+        ok, 10,
+        "two replicas admitted {ok} requests under one limit of 10 per minute"
+    );
+
+    let _ = redis.child.kill();
+    let _ = redis.child.wait();
+    let started = Instant::now();
+    let r = chat_as(&client, &a, Some("sk-erin"), &chat("m")).await;
+    expect_error(r, 503, "rate_limiter_unavailable").await;
+    let r = chat_as(&client, &b, Some("sk-erin"), &chat("m")).await;
+    assert_eq!(r.status(), 200, "fail-open admits while Redis is down");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "a Redis outage must not hang requests"
+    );
+    let metrics = get_text(&client, &a.url("/metrics")).await;
+    assert!(
+        metrics.contains("sluice_limit_store_errors_total"),
+        "{metrics}"
+    );
+}
