@@ -3,8 +3,9 @@
 # Prometheus parser the metrics test checks /metrics with, redis-server (the
 # shared-limits test starts its own on loopback), then the host's unit and
 # end-to-end tests (which build the guests from source), the guest SDK's and
-# the bundled policies' tests, and the console's browser tests in headless
-# Chromium.
+# the bundled policies' tests, the console's browser tests in headless
+# Chromium, the offline checks of deploy/ (Dockerfile, Helm chart), and the
+# real-world suite (the OpenAI SDK as client, llama.cpp as backend).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,3 +20,5 @@ if ! command -v redis-server >/dev/null; then
 fi
 cargo test --release -p sluice -p sluice-guest -p sensitive-words -p fallback
 bash scripts/test-browser.sh
+bash scripts/check-deploy.sh
+bash scripts/test-real.sh

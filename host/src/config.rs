@@ -82,6 +82,10 @@ pub struct ServerConfig {
     /// On shutdown, how long in-flight requests and streams may take to end.
     #[serde(deserialize_with = "de_duration")]
     pub shutdown_timeout: Duration,
+    /// On shutdown, how long `/ready` answers 503 while requests are still
+    /// served, so a load balancer stops sending before the listener closes.
+    #[serde(deserialize_with = "de_duration")]
+    pub unready_delay: Duration,
     /// Requests waiting for a slot when every backend the policy chose is at
     /// its `max_concurrent_requests`; beyond this they get 503 at once.
     pub max_queue: usize,
@@ -107,6 +111,7 @@ impl Default for ServerConfig {
             connect_timeout: Duration::from_secs(3),
             response_timeout: Duration::from_secs(120),
             shutdown_timeout: Duration::from_secs(30),
+            unready_delay: Duration::from_secs(1),
             max_queue: 1024,
             queue_timeout: Duration::from_secs(30),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
@@ -179,6 +184,10 @@ pub struct PolicyStoreConfig {
     /// How often the watched directory is scanned.
     #[serde(deserialize_with = "de_duration")]
     pub watch_interval: Duration,
+    /// How often `state_dir` is checked for a chain another replica sharing
+    /// it deployed; `0s` turns following off.
+    #[serde(deserialize_with = "de_duration")]
+    pub sync_interval: Duration,
 }
 
 impl Default for PolicyStoreConfig {
@@ -187,6 +196,7 @@ impl Default for PolicyStoreConfig {
             state_dir: None,
             watch_dir: None,
             watch_interval: Duration::from_secs(1),
+            sync_interval: Duration::from_secs(1),
         }
     }
 }

@@ -132,6 +132,41 @@ impl Consumers {
         Ok(consumers)
     }
 
+    /// Picks up consumers another replica sharing the state directory
+    /// made, rotated or disabled, every `interval`.
+    pub async fn follow(self: Arc<Self>, interval: std::time::Duration) {
+        let Some(file) = self.file.clone() else {
+            return;
+        };
+        let mut last = std::fs::read(&file).unwrap_or_default();
+        loop {
+            tokio::time::sleep(interval).await;
+            let Ok(bytes) = std::fs::read(&file) else {
+                continue;
+            };
+            if bytes == last {
+                continue;
+            }
+            match serde_json::from_slice::<Vec<Consumer>>(&bytes) {
+                Ok(managed) => {
+                    if let Ok(mut sources) = self.lock() {
+                        sources.1 = managed;
+                    }
+                    match self.rebuild() {
+                        Ok(()) => {
+                            tracing::info!("consumers updated from the shared state directory")
+                        }
+                        Err(e) => {
+                            tracing::warn!("consumers from the shared state directory refused: {e}")
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(file = %file.display(), "unreadable consumers file: {e}"),
+            }
+            last = bytes;
+        }
+    }
+
     pub fn required(&self) -> bool {
         self.required
     }

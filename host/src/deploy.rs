@@ -116,6 +116,9 @@ pub struct Deployer {
     chain: Arc<ArcSwap<Chain>>,
     state: Mutex<State>,
     state_dir: Option<PathBuf>,
+    /// The state file as this replica last wrote or read it: another
+    /// replica sharing the directory changed it when it differs.
+    last_seen: std::sync::Mutex<Vec<u8>>,
 }
 
 impl Deployer {
@@ -165,6 +168,7 @@ impl Deployer {
             chain,
             state: Mutex::new(state),
             state_dir,
+            last_seen: Default::default(),
         };
         deployer.persist(&*deployer.state.lock().await)?;
         Ok(deployer)
@@ -189,6 +193,7 @@ impl Deployer {
             )));
         }
         let mut state = self.state.lock().await;
+        let _store = self.lock_store(&mut state).await?;
         let existing = state.entries.iter().position(|e| e.name == name);
         if request.shadow && existing.is_none() {
             return Err(DeployError::NotFound(name.to_string()));
@@ -271,6 +276,7 @@ impl Deployer {
     /// Makes the version before the active one active again.
     pub async fn rollback(&self, name: &str) -> Result<Version, DeployError> {
         let mut state = self.state.lock().await;
+        let _store = self.lock_store(&mut state).await?;
         let i = index(&state, name)?;
         let entry = &state.entries[i];
         if entry.active == 0 {
@@ -302,6 +308,7 @@ impl Deployer {
     /// Takes a policy out of the chain.
     pub async fn remove(&self, name: &str) -> Result<(), DeployError> {
         let mut state = self.state.lock().await;
+        let _store = self.lock_store(&mut state).await?;
         let i = index(&state, name)?;
         if state.entries.len() == 1 {
             return Err(DeployError::Conflict(format!(
@@ -334,6 +341,7 @@ impl Deployer {
     /// Makes the shadow the active version (`promote`) or drops it.
     pub async fn end_shadow(&self, name: &str, promote: bool) -> Result<(), DeployError> {
         let mut state = self.state.lock().await;
+        let _store = self.lock_store(&mut state).await?;
         let i = index(&state, name)?;
         let Some((version, shadow)) = state.shadows[i].take() else {
             return Err(DeployError::NotFound(format!("{name}'s shadow")));
@@ -439,9 +447,12 @@ impl Deployer {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let file = state_file(dir);
         let temp = file.with_extension("json.tmp");
-        std::fs::write(&temp, serde_json::to_vec_pretty(&state.entries)?)
-            .with_context(|| format!("writing {}", temp.display()))?;
+        let bytes = serde_json::to_vec_pretty(&state.entries)?;
+        std::fs::write(&temp, &bytes).with_context(|| format!("writing {}", temp.display()))?;
         std::fs::rename(&temp, &file).with_context(|| format!("replacing {}", file.display()))?;
+        if let Ok(mut seen) = self.last_seen.lock() {
+            *seen = bytes;
+        }
         let shadows: Vec<&Version> = state.shadows.iter().flatten().map(|(v, _)| v).collect();
         remove_unused_modules(dir, &state.entries, &shadows);
         Ok(())
@@ -460,6 +471,141 @@ impl Deployer {
             }
         }
         Ok(format!("sha256:{sha256}"))
+    }
+
+    /// Takes the state directory's lock (other replicas sharing it wait),
+    /// then catches up with what they wrote, so a change applies to the
+    /// latest chain. Released when the guard drops.
+    async fn lock_store(&self, state: &mut State) -> Result<Option<std::fs::File>, DeployError> {
+        let Some(dir) = &self.state_dir else {
+            return Ok(None);
+        };
+        std::fs::create_dir_all(dir).map_err(|e| DeployError::Internal(e.into()))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(".lock"))
+            .map_err(|e| DeployError::Internal(e.into()))?;
+        let started = std::time::Instant::now();
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if started.elapsed() < STORE_LOCK_WAIT => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => {
+                    return Err(DeployError::Conflict(format!(
+                        "the shared state directory stays locked by another replica: {e}"
+                    )))
+                }
+            }
+        }
+        self.sync_locked(state)
+            .await
+            .map_err(DeployError::Internal)?;
+        Ok(Some(file))
+    }
+
+    /// Polls the state directory every `interval` and swaps in a chain
+    /// another replica sharing it deployed (each converges within about
+    /// one interval).
+    pub async fn follow(self: Arc<Self>, interval: Duration) {
+        loop {
+            tokio::time::sleep(interval).await;
+            let mut state = self.state.lock().await;
+            match self.sync_locked(&mut state).await {
+                Ok(true) => tracing::info!("policy chain updated from the shared state directory"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(
+                    "reading the shared state directory failed, keeping the chain: {e:#}"
+                ),
+            }
+        }
+    }
+
+    /// Loads the state file when it differs from what this replica last
+    /// saw. Policies whose active version did not change are kept loaded;
+    /// shadows of changed ones end (shadows are per replica).
+    async fn sync_locked(&self, state: &mut State) -> anyhow::Result<bool> {
+        let Some(dir) = &self.state_dir else {
+            return Ok(false);
+        };
+        let bytes = match std::fs::read(state_file(dir)) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading {}", state_file(dir).display()))
+            }
+        };
+        if self.last_seen.lock().is_ok_and(|seen| *seen == bytes) {
+            return Ok(false);
+        }
+        let entries: Vec<Entry> = serde_json::from_slice(&bytes)
+            .with_context(|| format!("reading {}", state_file(dir).display()))?;
+        let mut loaded = Vec::with_capacity(entries.len());
+        let mut shadows = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            let version = &entry.versions[entry.active];
+            let same = state.entries.iter().position(|e| {
+                let active = &e.versions[e.active];
+                e.name == entry.name
+                    && e.on_error == entry.on_error
+                    && active.sha256 == version.sha256
+                    && active.config == version.config
+            });
+            match same {
+                Some(i) => {
+                    loaded.push(state.loaded[i].clone());
+                    shadows.push(state.shadows[i].clone());
+                }
+                None => {
+                    let policy = self
+                        .load_off_executor(entry.clone(), version.clone())
+                        .await
+                        .with_context(|| {
+                            format!("policy `{}` version {}", entry.name, version.version)
+                        })?;
+                    loaded.push(Arc::new(policy));
+                    shadows.push(None);
+                }
+            }
+        }
+        *state = State {
+            entries,
+            loaded,
+            shadows,
+        };
+        self.chain.store(Arc::new(build_chain(state)));
+        if let Ok(mut seen) = self.last_seen.lock() {
+            *seen = bytes;
+        }
+        Ok(true)
+    }
+
+    /// [`load_version`] on a blocking thread (compiling takes real CPU).
+    async fn load_off_executor(
+        &self,
+        entry: Entry,
+        version: Version,
+    ) -> anyhow::Result<LoadedPolicy> {
+        let (runtime, fleet, dir) = (
+            self.runtime.clone(),
+            self.fleet.load(),
+            self.state_dir.clone(),
+        );
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            handle.block_on(load_version(
+                &runtime,
+                &fleet,
+                dir.as_deref(),
+                &entry,
+                &version,
+            ))
+        })
+        .await
+        .context("the load task failed")?
     }
 
     /// Polls `dir` every `interval`: a new or changed `NAME.wasm` (or
@@ -572,6 +718,10 @@ fn prune(entry: &mut Entry) {
         entry.active = entry.active.saturating_sub(excess);
     }
 }
+
+/// How long a change waits for another replica's change to the shared
+/// state directory.
+const STORE_LOCK_WAIT: Duration = Duration::from_secs(30);
 
 fn state_file(dir: &Path) -> PathBuf {
     dir.join("policies.json")

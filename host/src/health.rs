@@ -78,6 +78,14 @@ impl Checker {
     /// model list when the backend's models are discovered.
     async fn check(&self, backend: &Arc<Backend>) {
         let rules = self.fleet.rules();
+        if backend.busy_and_answering(rules.check.interval) && backend.reprobe_in().is_none() {
+            // Real answers are the better probe; sending one could cut a
+            // stream on servers that serve one request at a time.
+            if rules.check.enabled {
+                backend.record_probe(Ok(()));
+            }
+            return;
+        }
         let probe = if rules.check.enabled || backend.discovers_models {
             Some(self.probe(backend, &backend.health_path, &rules).await)
         } else {

@@ -361,6 +361,11 @@ async fn serve(
                 .watch(dir, config.policy_store.watch_interval),
         );
     }
+    if config.policy_store.state_dir.is_some() && !config.policy_store.sync_interval.is_zero() {
+        let interval = config.policy_store.sync_interval;
+        tokio::spawn(gateway.deployer.clone().follow(interval));
+        tokio::spawn(gateway.consumers.clone().follow(interval));
+    }
     announce("admin listening", admin_listener.local_addr()?);
     announce("sluice listening", listener.local_addr()?);
 
@@ -377,16 +382,37 @@ async fn serve(
     ));
     let data = server::serve(
         listener,
-        move |r| gateway.clone().handle(r),
+        {
+            let gateway = gateway.clone();
+            move |r| gateway.clone().handle(r)
+        },
         wait(stopped),
         drain,
     );
-    let signal = async {
-        shutdown_signal().await;
-        let _ = stop.send(true);
+    // First signal: /ready turns 503 while requests are still served, then
+    // the listeners close and open requests and streams drain. A second
+    // signal ends the drain at once.
+    let unready_delay = config.server.unready_delay;
+    let signals = {
+        let usage = usage.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            gateway.set_unready();
+            tracing::info!(
+                "shutting down: /ready answers 503; closing the listeners in {unready_delay:?}"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(unready_delay) => {}
+                () = shutdown_signal() => force_exit(usage).await,
+            }
+            let _ = stop.send(true);
+            shutdown_signal().await;
+            force_exit(usage).await;
+        })
     };
-    let (served, ()) = tokio::join!(data, signal);
+    let served = data.await;
     admin_task.await??;
+    signals.abort();
     if let Some(usage) = usage {
         // Nothing recorded before the stop is lost on a clean shutdown.
         if !usage.shutdown_async(Duration::from_secs(10)).await {
@@ -394,6 +420,16 @@ async fn serve(
         }
     }
     served
+}
+
+/// A second shutdown signal: stop waiting for open requests, write what
+/// usage records can be written in a moment, and exit 1.
+async fn force_exit(usage: Option<sluice::usage::UsageStore>) -> ! {
+    tracing::warn!("second shutdown signal: exiting without waiting for open requests");
+    if let Some(usage) = usage {
+        usage.shutdown_async(Duration::from_secs(2)).await;
+    }
+    std::process::exit(1)
 }
 
 /// The lines on stdout that scripts and tests read to find the ports.

@@ -153,9 +153,12 @@ impl Upstream {
             let (target, slot) = match queue.pop_front() {
                 Some(target) => (target, None),
                 None if !full.is_empty() => {
-                    let (target, slot) = self
+                    let (target, slot, rest) = self
                         .wait_for_slot(fleet, std::mem::take(&mut full), &route.info.model)
                         .await?;
+                    // The others stay in line: if this attempt fails, the
+                    // request waits for them again.
+                    full = rest;
                     (target, Some(slot))
                 }
                 None => break,
@@ -235,7 +238,7 @@ impl Upstream {
         fleet: &Fleet,
         targets: Vec<Target>,
         model: &str,
-    ) -> Result<(Target, Slot), GatewayError> {
+    ) -> Result<(Target, Slot, Vec<Target>), GatewayError> {
         let waiting = self.waiting.fetch_add(1, AtomicOrdering::AcqRel);
         let _leave = Leave(&self.waiting);
         if waiting >= self.max_queue {
@@ -244,17 +247,22 @@ impl Upstream {
                 waiting,
             });
         }
-        let _counted: Vec<Waiting> = targets
+        let backends: Vec<Arc<Backend>> = targets.iter().map(|t| t.backend.clone()).collect();
+        let _counted: Vec<Waiting> = backends
             .iter()
-            .map(|t| Waiting::new(&t.backend.stats))
+            .map(|b| Waiting::new(&b.stats))
             .chain(fleet.model_load(model).map(|m| Waiting::new(&m.stats)))
             .collect();
-        let lines = targets.iter().map(|t| Box::pin(t.backend.acquire()));
-        match tokio::time::timeout(self.queue_timeout, futures_util::future::select_all(lines))
-            .await
-        {
-            Ok((Some(slot), index, _)) => Ok((targets[index].clone(), slot)),
-            Ok((None, _, _)) => Err(GatewayError::NoBackend {
+        let lines = backends.iter().map(|b| Box::pin(b.acquire()));
+        let waited =
+            tokio::time::timeout(self.queue_timeout, futures_util::future::select_all(lines)).await;
+        match waited.map(|(slot, index, _)| (slot, index)) {
+            Ok((Some(slot), index)) => {
+                let mut rest = targets;
+                let target = rest.remove(index);
+                Ok((target, slot, rest))
+            }
+            Ok((None, _)) => Err(GatewayError::NoBackend {
                 model: model.to_string(),
                 reason: "the backend was removed while the request waited for it",
             }),
@@ -278,6 +286,19 @@ impl Upstream {
         load: Option<&Arc<ModelLoad>>,
     ) -> Attempt {
         let backend = &target.backend;
+        if !backend.is_healthy() {
+            // Marked down (probes or repeated failures): nothing is sent,
+            // but the failure hooks still hear of it — so a policy can fall
+            // back to another model when every server of one is down.
+            return Attempt::Failed {
+                kind: AttemptFailureKind::Connect,
+                error: GatewayError::NoBackend {
+                    model: target.model.clone(),
+                    reason: "every backend it was sent to is marked down",
+                },
+                answer: None,
+            };
+        }
         let Some(mut slot) = slot.or_else(|| backend.try_acquire()) else {
             return Attempt::Full;
         };

@@ -49,6 +49,8 @@ pub struct Gateway {
     pub limiter: Arc<Limiter>,
     next_id: AtomicU64,
     started_at: u64,
+    /// False once shutdown began: `/ready` answers 503.
+    ready: std::sync::atomic::AtomicBool,
 }
 
 impl Gateway {
@@ -103,11 +105,17 @@ impl Gateway {
             max_body_bytes: server.max_body_bytes,
             ledger,
             next_id: AtomicU64::new(1),
+            ready: std::sync::atomic::AtomicBool::new(true),
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
         }))
+    }
+
+    /// Shutdown began: `/ready` turns 503 while requests are still served.
+    pub fn set_unready(&self) {
+        self.ready.store(false, Ordering::Relaxed);
     }
 
     /// Answers one request; never fails (errors become OpenAI-shaped bodies).
@@ -129,6 +137,14 @@ impl Gateway {
                     let (status, report) = crate::health::report(&self.fleet.load());
                     let mut response = json_response(&report);
                     *response.status_mut() = status;
+                    Ok(response)
+                }
+                (&Method::GET, "/ready") => {
+                    let ready = self.ready.load(Ordering::Relaxed);
+                    let mut response = json_response(&serde_json::json!({"ready": ready}));
+                    if !ready {
+                        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                    }
                     Ok(response)
                 }
                 (&Method::GET, "/load-stats") => {

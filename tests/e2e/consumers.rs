@@ -11,7 +11,7 @@ use sluice::consumers::hash_key;
 use crate::common::*;
 
 /// A `[[consumers]]` entry with `key`'s hash and extra lines.
-fn consumer(name: &str, key: &str, extra: &str) -> String {
+pub fn consumer(name: &str, key: &str, extra: &str) -> String {
     format!(
         "[[consumers]]\nname = {name:?}\nkey_hashes = [{:?}]\n{extra}\n",
         hash_key(key)
@@ -271,13 +271,13 @@ async fn a_token_limit_holds_under_a_hundred_concurrent_requests() {
 }
 
 /// A `redis-server` on a free loopback port, stopped when dropped.
-struct Redis {
-    child: Child,
+pub struct Redis {
+    pub child: Child,
     port: u16,
 }
 
 impl Redis {
-    fn start() -> Redis {
+    pub fn start() -> Redis {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -308,7 +308,7 @@ impl Redis {
         Redis { child, port }
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 }

@@ -11,7 +11,7 @@ use sluice::mock::Flavor;
 
 use crate::common::*;
 
-fn pinned(vm01: &str, vm02: &str, default: &str) -> String {
+pub fn pinned(vm01: &str, vm02: &str, default: &str) -> String {
     format!(
         "{}{}[[policies]]\nname = \"pin\"\nmodule = {:?}\nconfig = {{ default = {default:?} }}\n",
         backend("vm01", vm01, &["m"], ""),
@@ -44,11 +44,11 @@ fn answer_text(body: &str) -> String {
     }
 }
 
-fn module(name: &str) -> Vec<u8> {
+pub fn module(name: &str) -> Vec<u8> {
     std::fs::read(test_guest(name)).unwrap()
 }
 
-async fn deploy(
+pub async fn deploy(
     client: &reqwest::Client,
     sluice: &Sluice,
     bytes: Vec<u8>,
@@ -62,7 +62,7 @@ async fn deploy(
         .unwrap()
 }
 
-fn config_query(default: &str) -> String {
+pub fn config_query(default: &str) -> String {
     let config = json!({"default": default}).to_string();
     format!(
         "?config={}",
@@ -70,7 +70,7 @@ fn config_query(default: &str) -> String {
     )
 }
 
-async fn served_by(client: &reqwest::Client, sluice: &Sluice) -> String {
+pub async fn served_by(client: &reqwest::Client, sluice: &Sluice) -> String {
     let response = client
         .post(sluice.url("/v1/chat/completions"))
         .json(&chat("m"))

@@ -478,3 +478,32 @@ async fn sighup_reloads_the_file() {
     let r = sluice.post_chat(&client, &chat("m")).await;
     assert_eq!(r.status(), 200);
 }
+
+/// Requests waiting for a slot when one of two full backends dies: the one
+/// in flight there and those handed its freed slot move to the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_full_backend_loses_no_queued_request() {
+    let vm01 = mock_with(paced("vm01", &["m"], sluice::mock::Flavor::Vllm, 20, 10)).await;
+    let vm02 = mock_with(paced("vm02", &["m"], sluice::mock::Flavor::Vllm, 20, 10)).await;
+    let sluice = Sluice::start(&format!(
+        "[health_check]\nenabled = false\n{}{}",
+        backend("vm01", &vm01.url(), &["m"], "max_concurrent_requests = 1"),
+        backend("vm02", &vm02.url(), &["m"], "max_concurrent_requests = 1"),
+    ));
+    let client = client();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, url) = (client.clone(), sluice.url("/v1/chat/completions"));
+            tokio::spawn(async move {
+                let r = client.post(url).json(&chat("m")).send().await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    vm02.stop();
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+}

@@ -222,6 +222,16 @@ async fn a_down_model_falls_back_to_another() {
     let first: Value = serde_json::from_str(&events[0]).unwrap();
     assert_eq!(first["model"], "gemma-2-2b");
     assert_eq!(gemma.stats.last_request().unwrap().1["model"], "gemma-2-2b");
+
+    // Once the dead server is marked down the router still routes there
+    // and the host, sending nothing, lets the fallback move the request.
+    for _ in 0..10 {
+        let response = sluice.post_chat(&client, &chat("qwen2-1-5b")).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-sluice-model"], "gemma-2-2b");
+    }
+    let health = get_json(&client, &sluice.url("/health")).await;
+    assert_eq!(health["backends"][0]["healthy"], false, "{health}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@ mod deploy;
 mod errors;
 mod fleet;
 mod guard;
+mod replicas;
 mod routing;
 mod streaming;
 mod usage;

@@ -43,14 +43,12 @@ impl Policy for ModelRouter {
                 format!("The model `{}` does not exist.", request.model),
             );
         }
-        let ranked = select::rank(serving, request.id);
-        if ranked.is_empty() {
-            return Decision::reject(
-                503,
-                "no_backend_available",
-                format!("Every backend serving `{model}` is down."),
-            );
-        }
+        let ranked = select::rank(serving.clone(), request.id);
+        // Every server of the model is down: route to them anyway. The host
+        // sends nothing to a backend marked down, but the failure hooks
+        // hear of each — so a `fallback` policy can move the request to
+        // another model; without one the client gets 503.
+        let ranked = if ranked.is_empty() { serving } else { ranked };
         let targets = ranked
             .iter()
             .map(|b| match alias {

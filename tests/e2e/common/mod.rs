@@ -161,6 +161,19 @@ impl Sluice {
         self.child.wait().unwrap()
     }
 
+    /// Waits for the process to exit (after a signal sent some other way).
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
+    }
+
+    /// Sends `signal` (e.g. "TERM", "HUP") without waiting.
+    pub fn signal(&self, signal: &str) {
+        Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+
     /// The process id, to read its memory use.
     pub fn pid(&self) -> u32 {
         self.child.id()
