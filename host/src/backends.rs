@@ -376,6 +376,11 @@ impl Backend {
                 if streak as u32 >= rules.check.healthy_after
                     && !self.probe_up.swap(true, Ordering::Relaxed)
                 {
+                    // The probes saw it down and now up: whatever ejected it
+                    // meanwhile (the same outage, seen by requests) is over.
+                    // A relapse still ejects for longer.
+                    self.down_until_ms.store(0, Ordering::Relaxed);
+                    self.awaiting_probe.store(false, Ordering::Relaxed);
                     tracing::info!(backend = %self.name, "marked up after {streak} good probes");
                 }
             }
@@ -561,6 +566,20 @@ mod tests {
         b.record_probe(Ok(()));
         assert!(b.is_healthy());
         assert_eq!(b.reprobe_in(), None);
+    }
+
+    #[test]
+    fn coming_back_up_by_probes_ends_an_ejection() {
+        let b = backend(0, HealthRules::default());
+        b.record_probe(Err("refused".into()));
+        b.record_probe(Err("refused".into()));
+        for _ in 0..3 {
+            b.record_failure("refused");
+        }
+        assert!(b.reprobe_in().is_some_and(|d| d > Duration::from_secs(1)));
+        b.record_probe(Ok(()));
+        b.record_probe(Ok(()));
+        assert!(b.is_healthy(), "back without waiting out the ejection");
     }
 
     #[test]

@@ -283,6 +283,11 @@ impl Redis {
             .local_addr()
             .unwrap()
             .port();
+        Redis::start_on(port)
+    }
+
+    /// A redis-server on `port` (again, after one was killed there).
+    pub fn start_on(port: u16) -> Redis {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -371,4 +376,18 @@ async fn two_replicas_share_one_limit_through_redis() {
         metrics.contains("sluice_limit_store_errors_total"),
         "{metrics}"
     );
+
+    // Redis back on its port: the fail-closed replica admits again by
+    // itself (its connection reconnects), counting from a fresh store.
+    let _redis = Redis::start_on(redis.port);
+    let back = Instant::now();
+    loop {
+        let r = chat_as(&client, &a, Some("sk-erin"), &chat("m")).await;
+        if r.status() == 200 {
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(15), "no recovery after Redis came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("Redis back -> fail-closed replica admitting again in {:?}", back.elapsed());
 }
