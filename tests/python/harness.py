@@ -294,7 +294,8 @@ def openai_client(gw: "Gateway", **kw):
     import openai
     kw.setdefault("max_retries", 0)
     kw.setdefault("timeout", 30.0)
-    return openai.OpenAI(base_url=gw.base_url, api_key="unused", **kw)
+    kw.setdefault("api_key", "unused")
+    return openai.OpenAI(base_url=gw.base_url, **kw)
 
 
 def _answers(url: str) -> bool:

@@ -192,6 +192,34 @@ def test_error_404_unknown_model(fleet):
             lambda: client.chat.completions.create(model="no-such-model", messages=MSG, max_tokens=8))
 
 
+def test_error_401_403_and_429_from_consumers(mocks, gateway):
+    """API keys: the SDK raises AuthenticationError for a wrong key,
+    PermissionDeniedError for a disabled consumer or a model it may not
+    use, RateLimitError (with Retry-After) over its request limit."""
+    import hashlib
+    vm01 = mocks("vm01", ["m1", "m2"], answer_tokens=ANSWER_TOKENS)
+
+    def consumer(name, key, extra=""):
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return f'[[consumers]]\nname = "{name}"\nkey_hashes = ["sha256:{digest}"]\n{extra}\n'
+
+    gw = gateway("[auth]\nrequired = true\n\n"
+                 + consumer("alice", "sk-alice", 'models = ["m1"]\nrequests_per_minute = 2')
+                 + consumer("bob", "sk-bob", "disabled = true")
+                 + backend_toml("vm01", vm01.url, ["m1", "m2"]))
+    chat = lambda c, model="m1": c.chat.completions.create(model=model, messages=MSG, max_tokens=8)
+    _expect(openai.AuthenticationError, 401, "invalid_api_key",
+            lambda: chat(openai_client(gw, api_key="sk-wrong")))
+    _expect(openai.PermissionDeniedError, 403, "consumer_disabled",
+            lambda: chat(openai_client(gw, api_key="sk-bob")))
+    alice = openai_client(gw, api_key="sk-alice")
+    _expect(openai.PermissionDeniedError, 403, "model_not_allowed", lambda: chat(alice, "m2"))
+    assert chat(alice).choices[0].message.content
+    assert chat(alice).choices[0].message.content
+    e = _expect(openai.RateLimitError, 429, "rate_limit_exceeded", lambda: chat(alice))
+    assert int(e.response.headers["retry-after"]) >= 1
+
+
 def test_error_429_from_backend(faults, gateway):
     """A backend's 429 reaches the client unchanged (status, body, Retry-After)."""
     f = faults("status", ["m1"], status=429, headers={"retry-after": "7"})
