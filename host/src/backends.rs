@@ -104,8 +104,6 @@ pub struct Backend {
     limit: Arc<Semaphore>,
     pub stats: Stats,
     latency_us: AtomicU32,
-    /// Milliseconds since `clock` of the last answered request.
-    last_success_ms: AtomicU64,
     rules: Arc<ArcSwap<HealthRules>>,
     /// Passive health: failed requests in a row, ejections in a row (the
     /// back-off doubles with each), and the ejection's end in milliseconds
@@ -157,7 +155,6 @@ impl Backend {
             limit: Arc::new(Semaphore::new(permits(config.max_concurrent_requests))),
             stats: Stats::default(),
             latency_us: AtomicU32::new(0),
-            last_success_ms: AtomicU64::new(0),
             rules,
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
@@ -266,15 +263,12 @@ impl Backend {
         !(self.awaiting_probe.load(Ordering::Relaxed) && self.rules.load().check.enabled)
     }
 
-    /// Busy and answering: requests in flight, and one answered within
-    /// `window`. Probing such a backend proves nothing more — and some
-    /// servers (llama.cpp's, by default) cut a running stream when any
-    /// other request arrives, a probe included.
-    pub fn busy_and_answering(&self, window: Duration) -> bool {
-        let last = self.last_success_ms.load(Ordering::Relaxed);
+    /// Requests are in flight: their outcome is the health signal (a
+    /// failure or a timeout ejects). A probe now would prove nothing more —
+    /// and some servers (llama.cpp's, by default) cut a running stream,
+    /// or one about to start, when any other request arrives.
+    pub fn busy(&self) -> bool {
         self.in_flight() > 0
-            && last > 0
-            && self.now_ms().saturating_sub(last) <= window.as_millis() as u64
     }
 
     /// How long until a running ejection ends and a probe should confirm
@@ -303,8 +297,6 @@ impl Backend {
 
     /// The backend answered (any status below 500) after `latency`.
     pub fn record_success(&self, latency: Duration) {
-        self.last_success_ms
-            .store(self.now_ms().max(1), Ordering::Relaxed);
         self.consecutive_failures.store(0, Ordering::Relaxed);
         self.ejections.store(0, Ordering::Relaxed);
         self.stats.served.fetch_add(1, Ordering::Relaxed);

@@ -141,7 +141,10 @@ pub struct PolicyRuntimeConfig {
 impl Default for PolicyRuntimeConfig {
     fn default() -> Self {
         PolicyRuntimeConfig {
-            timeout: Duration::from_millis(50),
+            // A policy needs tens of µs of CPU; the timeout is wall-clock, so
+            // it must absorb a saturated machine not running the guest at all
+            // (50 ms failed requests under load). Loops are throttled anyway.
+            timeout: Duration::from_millis(250),
             memory_limit: 64 << 20,
             max_instances: 1000,
             max_body_bytes: 1 << 20,

@@ -78,9 +78,9 @@ impl Checker {
     /// model list when the backend's models are discovered.
     async fn check(&self, backend: &Arc<Backend>) {
         let rules = self.fleet.rules();
-        if backend.busy_and_answering(rules.check.interval) && backend.reprobe_in().is_none() {
-            // Real answers are the better probe; sending one could cut a
-            // stream on servers that serve one request at a time.
+        if backend.busy() && backend.reprobe_in().is_none() {
+            // The requests in flight are the better probe; sending one could
+            // cut a stream on servers that serve one request at a time.
             if rules.check.enabled {
                 backend.record_probe(Ok(()));
             }
