@@ -58,7 +58,11 @@ async fn limits(label: &str, config: LimitsConfig, consumers: &Consumers) {
         let Ok(Identity::Known(c)) = consumers.identify(Some("Bearer sk-alice")) else {
             panic!("the key is not known");
         };
-        let ticket = limiter.admit(&c, 100).await.expect("admitted").expect("limits");
+        let ticket = limiter
+            .admit(&c, 100)
+            .await
+            .expect("admitted")
+            .expect("limits");
         ticket.settle(80);
     })
     .await;
@@ -86,7 +90,14 @@ async fn main() {
         .map(|a| a.port())
         .expect("a free port");
     let redis = std::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
         .stdout(std::process::Stdio::null())
         .spawn();
     let Ok(mut redis) = redis else {

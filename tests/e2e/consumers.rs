@@ -386,8 +386,14 @@ async fn two_replicas_share_one_limit_through_redis() {
         if r.status() == 200 {
             break;
         }
-        assert!(back.elapsed() < Duration::from_secs(15), "no recovery after Redis came back");
+        assert!(
+            back.elapsed() < Duration::from_secs(15),
+            "no recovery after Redis came back"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    eprintln!("Redis back -> fail-closed replica admitting again in {:?}", back.elapsed());
+    eprintln!(
+        "Redis back -> fail-closed replica admitting again in {:?}",
+        back.elapsed()
+    );
 }

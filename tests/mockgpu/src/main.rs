@@ -48,7 +48,12 @@ struct Cli {
     /// carry its own pace as `NAME@INTER_MS` or `NAME@INTER_MS/FIRST_MS`
     /// (e.g. `fast,paced@20/100`), so one process can serve a fast model and
     /// a realistically paced one behind the same address.
-    #[arg(long, env = "MOCKGPU_MODELS", value_delimiter = ',', default_value = "mock-model")]
+    #[arg(
+        long,
+        env = "MOCKGPU_MODELS",
+        value_delimiter = ',',
+        default_value = "mock-model"
+    )]
     models: Vec<String>,
     /// Tokens in an answer (a request's `max_tokens` can cut it shorter).
     #[arg(long, env = "MOCKGPU_TOKENS", default_value_t = 16)]
@@ -108,7 +113,9 @@ struct Shared {
     streams_finished: AtomicU64,
 }
 
-const WORDS: [&str; 8] = [" the", " quick", " brown", " fox", " jumps", " over", " lazy", " dogs"];
+const WORDS: [&str; 8] = [
+    " the", " quick", " brown", " fox", " jumps", " over", " lazy", " dogs",
+];
 
 fn json_escape(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len());
@@ -388,7 +395,9 @@ impl Stream {
                 }
                 s
             }
-            None => self.sleep.insert(Box::pin(tokio::time::sleep_until(deadline))),
+            None => self
+                .sleep
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
         };
         sleep.as_mut().poll(cx)
     }
@@ -426,7 +435,11 @@ impl Body for MockBody {
                         return Poll::Pending;
                     }
                     s.step = Step::Token(i + 1);
-                    s.event(if s.chat { &m.chat_tokens[i] } else { &m.cmpl_tokens[i] })
+                    s.event(if s.chat {
+                        &m.chat_tokens[i]
+                    } else {
+                        &m.cmpl_tokens[i]
+                    })
                 }
                 Step::Token(_) => {
                     s.step = Step::Finish;
@@ -520,12 +533,23 @@ fn write_head(v: &mut Vec<u8>, shared: &Shared, prefix: &str, object: &str, mode
     v.extend_from_slice(b"\",");
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<MockBody>, Infallible> {
+async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<MockBody>, Infallible> {
     let path = req.uri().path();
     if req.method() == Method::GET {
         return Ok(match path {
-            "/v1/models" => full(StatusCode::OK, "application/json", shared.models_body.clone()),
-            "/health" => full(StatusCode::OK, "application/json", Bytes::from_static(b"{\"status\":\"ok\"}")),
+            "/v1/models" => full(
+                StatusCode::OK,
+                "application/json",
+                shared.models_body.clone(),
+            ),
+            "/health" => full(
+                StatusCode::OK,
+                "application/json",
+                Bytes::from_static(b"{\"status\":\"ok\"}"),
+            ),
             "/mock/stats" => full(
                 StatusCode::OK,
                 "application/json",
@@ -564,7 +588,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     let Some(model) = shared.models.iter().position(|m| m.json_name == model_name) else {
         return Ok(error(
             StatusCode::NOT_FOUND,
-            &format!("The model `{}` does not exist.", String::from_utf8_lossy(model_name)),
+            &format!(
+                "The model `{}` does not exist.",
+                String::from_utf8_lossy(model_name)
+            ),
         ));
     };
     let m = &shared.models[model];
@@ -626,7 +653,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         };
         let mut r = Response::new(MockBody::Stream(Box::new(s)));
         let h = r.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         return Ok(r);
     }
@@ -639,7 +669,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     let mut v = Vec::with_capacity(256 + text.len());
     write_head(&mut v, &shared, prefix, object, &m.json_name);
     if chat {
-        v.extend_from_slice(b"\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":\"");
+        v.extend_from_slice(
+            b"\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":\"",
+        );
         v.extend_from_slice(text);
         v.extend_from_slice(b"\"},");
     } else {
@@ -675,13 +707,21 @@ async fn serve(cli: Cli) -> std::io::Result<()> {
                 let (i, f) = p.split_once('/').unwrap_or((p, "0"));
                 let parse = |x: &str| {
                     x.trim().parse::<f64>().map_err(|_| {
-                        std::io::Error::other(format!("--models {spec}: want NAME@INTER_MS[/FIRST_MS]"))
+                        std::io::Error::other(format!(
+                            "--models {spec}: want NAME@INTER_MS[/FIRST_MS]"
+                        ))
                     })
                 };
                 (parse(i)?, parse(f)?)
             }
         };
-        models.push(render_model(name, cli.tokens, cli.embedding_dim, ms(inter), ms(first)));
+        models.push(render_model(
+            name,
+            cli.tokens,
+            cli.embedding_dim,
+            ms(inter),
+            ms(first),
+        ));
     }
     let created = now_secs();
     let list: Vec<String> = models
@@ -696,7 +736,10 @@ async fn serve(cli: Cli) -> std::io::Result<()> {
     let shared = Arc::new(Shared {
         models,
         tokens: cli.tokens,
-        models_body: Bytes::from(format!("{{\"object\":\"list\",\"data\":[{}]}}", list.join(","))),
+        models_body: Bytes::from(format!(
+            "{{\"object\":\"list\",\"data\":[{}]}}",
+            list.join(",")
+        )),
         ids: AtomicU64::new(1),
         requests: AtomicU64::new(0),
         streams_started: AtomicU64::new(0),
@@ -762,7 +805,9 @@ async fn shutdown() {
 fn main() {
     let cli = Cli::parse();
     let runtime = if cli.threads == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
         let mut b = tokio::runtime::Builder::new_multi_thread();
         if cli.threads > 1 {

@@ -28,7 +28,10 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "loadgen", about = "Open-loop and streaming load for the Sluice benchmark")]
+#[command(
+    name = "loadgen",
+    about = "Open-loop and streaming load for the Sluice benchmark"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -108,7 +111,9 @@ fn prepare(t: &Target) -> Result<Prepared, String> {
     let body = std::fs::read(&t.body).map_err(|e| format!("--body {}: {e}", t.body))?;
     let mut headers = Vec::new();
     for h in &t.headers {
-        let (n, v) = h.split_once(':').ok_or(format!("--header {h}: want Name: value"))?;
+        let (n, v) = h
+            .split_once(':')
+            .ok_or(format!("--header {h}: want Name: value"))?;
         headers.push((
             HeaderName::from_bytes(n.trim().as_bytes()).map_err(|e| e.to_string())?,
             HeaderValue::from_str(v.trim()).map_err(|e| e.to_string())?,
@@ -131,7 +136,10 @@ impl Prepared {
         *r.uri_mut() = self.uri.clone();
         let h = r.headers_mut();
         h.insert(header::HOST, self.host.clone());
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         for (n, v) in &self.headers {
             h.insert(n.clone(), v.clone());
         }
@@ -249,7 +257,8 @@ async fn rate_conn(
                 Ok(s) => sender = Some(s),
                 Err(e) => {
                     res.errors += 1;
-                    res.first_error.get_or_insert_with(|| format!("connect: {e}"));
+                    res.first_error
+                        .get_or_insert_with(|| format!("connect: {e}"));
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     prev_done = Instant::now();
                     continue;
@@ -291,7 +300,8 @@ async fn rate_conn(
             }
             Ok(Ok(status)) => {
                 res.non2xx += 1;
-                res.first_error.get_or_insert_with(|| format!("status {status}"));
+                res.first_error
+                    .get_or_insert_with(|| format!("status {status}"));
             }
             Ok(Err(e)) => {
                 res.errors += 1;
@@ -423,10 +433,16 @@ fn is_content(ev: &[u8]) -> bool {
     false
 }
 
-async fn one_stream(p: std::rc::Rc<Prepared>, source: Option<IpAddr>, timeout: Duration) -> StreamResult {
+async fn one_stream(
+    p: std::rc::Rc<Prepared>,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> StreamResult {
     let mut res = StreamResult::default();
     let work = async {
-        let mut sender = connect(p.addr, source).await.map_err(|e| format!("connect: {e}"))?;
+        let mut sender = connect(p.addr, source)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
         let sent = Instant::now();
         let resp = sender
             .send_request(p.request())
@@ -434,18 +450,27 @@ async fn one_stream(p: std::rc::Rc<Prepared>, source: Option<IpAddr>, timeout: D
             .map_err(|e| format!("request: {e}"))?;
         if !resp.status().is_success() {
             let status = resp.status();
-            let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             return Err(format!(
                 "status {status}: {}",
                 String::from_utf8_lossy(&body[..body.len().min(200)])
             ));
         }
         let mut body = resp.into_body();
-        let mut scan = EventScanner { partial: Vec::with_capacity(512) };
+        let mut scan = EventScanner {
+            partial: Vec::with_capacity(512),
+        };
         let mut last: Option<Instant> = None;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| format!("body: {e}"))?;
-            let Ok(data) = frame.into_data() else { continue };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
             let now = Instant::now();
             let (n, done) = scan.feed(&data);
             for _ in 0..n {
@@ -484,9 +509,16 @@ async fn run_streams(
     let t0 = Instant::now();
     let mut handles = Vec::with_capacity(streams);
     for i in 0..streams {
-        let at = t0 + Duration::from_secs_f64(ramp_ms as f64 / 1000.0 * i as f64 / streams.max(1) as f64);
-        let source = (loopback && source_ips > 1)
-            .then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % source_ips as usize) as u8)));
+        let at = t0
+            + Duration::from_secs_f64(ramp_ms as f64 / 1000.0 * i as f64 / streams.max(1) as f64);
+        let source = (loopback && source_ips > 1).then(|| {
+            IpAddr::V4(Ipv4Addr::new(
+                127,
+                0,
+                0,
+                1 + (i % source_ips as usize) as u8,
+            ))
+        });
         let p = p.clone();
         handles.push(tokio::task::spawn_local(async move {
             tokio::time::sleep_until(at).await;
@@ -513,7 +545,11 @@ async fn run_streams(
         }
     }
     let wall = t0.elapsed().as_secs_f64();
-    let errs: Vec<String> = errors.iter().take(5).map(|(e, n)| format!("{}:{n}", json_str(e))).collect();
+    let errs: Vec<String> = errors
+        .iter()
+        .take(5)
+        .map(|(e, n)| format!("{}:{n}", json_str(e)))
+        .collect();
     Ok(format!(
         "{{\"mode\":\"streams\",\"streams\":{streams},\"completed\":{completed},\"failed\":{failed},\"content_events\":{events},\"wall_s\":{wall:.3},\"errors\":{{{}}},\"gap_us\":{},\"ttft_us\":{}}}",
         errs.join(","),
@@ -531,12 +567,21 @@ fn main() {
     let local = tokio::task::LocalSet::new();
     let out = local.block_on(&rt, async move {
         match cli.command {
-            Cmd::Rate { target, rate, duration, warmup, connections, timeout } => {
-                run_rate(target, rate, duration, warmup, connections, timeout).await
-            }
-            Cmd::Streams { target, streams, ramp_ms, timeout, source_ips } => {
-                run_streams(target, streams, ramp_ms, timeout, source_ips).await
-            }
+            Cmd::Rate {
+                target,
+                rate,
+                duration,
+                warmup,
+                connections,
+                timeout,
+            } => run_rate(target, rate, duration, warmup, connections, timeout).await,
+            Cmd::Streams {
+                target,
+                streams,
+                ramp_ms,
+                timeout,
+                source_ips,
+            } => run_streams(target, streams, ramp_ms, timeout, source_ips).await,
         }
     });
     match out {
