@@ -91,24 +91,24 @@ impl Filter {
         loop {
             let bytes = match next.take() {
                 Some(bytes) => bytes,
-                None => match incoming.frame().await {
+                // A client that leaves while the backend is silent (a long
+                // prefill, a hung stream) must not hold the slot until the
+                // backend's next byte: returning drops the backend's body.
+                None => match tokio::select! {
+                    frame = incoming.frame() => frame,
+                    () = tx.closed() => return,
+                } {
                     None => break,
                     Some(Ok(frame)) => match frame.into_data() {
                         Ok(data) => data,
                         Err(_) => continue,
                     },
-                    Some(Err(e)) => {
-                        let _ = tx.send(crate::body::stream_error(&e.to_string())).await;
-                        return;
-                    }
+                    Some(Err(e)) => return self.fail(&mut state, &tx, &e.to_string()).await,
                 },
             };
             let events = match parser.push(&bytes) {
                 Ok(events) => events,
-                Err(e) => {
-                    let _ = tx.send(crate::body::stream_error(&e.to_string())).await;
-                    return;
-                }
+                Err(e) => return self.fail(&mut state, &tx, &e.to_string()).await,
             };
             for event in events {
                 let (out, stop) = self.event(&mut state, event).await;
@@ -128,6 +128,21 @@ impl Filter {
         }
         if !state.done {
             out.extend(self.flush(&mut state).await.0);
+        }
+        for piece in out {
+            if tx.send(piece).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Ends a stream whose backend failed: the text held back so far
+    /// (through the filters as the last of it — the client has the rest),
+    /// then the error event and `[DONE]`.
+    async fn fail(&self, state: &mut StreamState, tx: &mpsc::Sender<Bytes>, detail: &str) {
+        let (mut out, stopped) = self.flush(state).await;
+        if !stopped {
+            out.push(crate::body::stream_error(detail));
         }
         for piece in out {
             if tx.send(piece).await.is_err() {
@@ -171,6 +186,11 @@ impl Filter {
             let choice = &mut chunk["choices"][i];
             let index = choice["index"].as_u64().unwrap_or(0) as u32;
             let finished = !choice["finish_reason"].is_null();
+            // Indexing mutably into a number or a string panics: a chunk
+            // of the wrong shape passes as it is.
+            if !has_text_field(choice, chat, "delta") {
+                continue;
+            }
             let field = text_field(choice, chat);
             let new_text = field.as_str().unwrap_or("").to_string();
             if new_text.is_empty() && !finished {
@@ -286,6 +306,9 @@ impl Filter {
         for i in 0..count {
             let choice = &mut answer["choices"][i];
             let index = choice["index"].as_u64().unwrap_or(0) as u32;
+            if !has_text_field(choice, chat, "message") {
+                continue;
+            }
             let field = if chat {
                 &mut choice["message"]["content"]
             } else {
@@ -324,6 +347,16 @@ fn envelope_of(chunk: &Value) -> Value {
         object.remove("usage");
     }
     envelope
+}
+
+/// Whether `choice` can hold its text where the filters write it: an
+/// object whose `outer` (`delta` or `message`, for chat) is an object or
+/// absent.
+fn has_text_field(choice: &Value, chat: bool, outer: &str) -> bool {
+    let Some(choice) = choice.as_object() else {
+        return false;
+    };
+    !chat || choice.get(outer).is_none_or(|v| v.is_object() || v.is_null())
 }
 
 /// The field holding a streamed choice's text.
@@ -376,6 +409,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn choices_of_the_wrong_shape_are_left_alone() {
+        // Found by fuzzing: `{"choices":[{"delta":5}]}` from a backend
+        // panicked the relay of a filtered stream.
+        let no = |v: Value, chat| !has_text_field(&v, chat, "delta");
+        assert!(no(serde_json::json!(5), true));
+        assert!(no(serde_json::json!("x"), false));
+        assert!(no(serde_json::json!({"delta": 5}), true));
+        assert!(no(serde_json::json!({"delta": [1]}), true));
+        assert!(has_text_field(&serde_json::json!({"delta": 5, "text": "t"}), false, "delta"));
+        assert!(has_text_field(&serde_json::json!({"delta": null}), true, "delta"));
+        assert!(has_text_field(&serde_json::json!({"index": 0}), true, "delta"));
+    }
+
+    #[test]
     fn tails_split_on_characters() {
         assert_eq!(
             split_tail("héllo wörld".into(), 3),
@@ -387,5 +434,203 @@ mod tests {
         );
         assert_eq!(split_tail("ab".into(), 5), ("".into(), "ab".into()));
         assert_eq!(split_tail("ab".into(), 0), ("ab".into(), "".into()));
+    }
+}
+
+/// The relay against a real backend connection: a blocking fake on a
+/// thread, hyper's client, the bundled policies.
+#[cfg(test)]
+mod relay_tests {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::TokioIo;
+    use serde_json::json;
+
+    use super::Filter;
+    use crate::accounting::{Accounting, Ledger};
+    use crate::config::{BackendConfig, OnError, PolicyConfig, PolicyRuntimeConfig};
+    use crate::fleet::Fleet;
+    use crate::openai::Endpoint;
+    use crate::policy::contract::RequestInfo;
+    use crate::policy::{Chain, Route, Runtime};
+    use crate::proxy::Answer;
+
+    const HEAD: &[u8] =
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+
+    fn hello_chunk() -> Vec<u8> {
+        let event = format!(
+            "data: {}\n\n",
+            json!({"choices": [{"index": 0, "delta": {"content": "Hello"}, "finish_reason": null}]})
+        );
+        format!("{:x}\r\n{event}\r\n", event.len()).into_bytes()
+    }
+
+    /// Starts a relay of what `backend` (run on its own thread, after the
+    /// request was read) sends; `mask`: through `builtin:sensitive-words`.
+    async fn relay(
+        mask: bool,
+        backend: impl FnOnce(std::net::TcpStream) + Send + 'static,
+    ) -> (
+        http::Response<crate::body::Body>,
+        Arc<crate::backends::Backend>,
+    ) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut buf).unwrap();
+                request.extend_from_slice(&buf[..n]);
+            }
+            backend(stream);
+        });
+        let runtime = Arc::new(Runtime::new(&PolicyRuntimeConfig::default()).unwrap());
+        let fleet = Arc::new(
+            Fleet::new(&[BackendConfig {
+                name: "b".into(),
+                url: format!("http://{addr}"),
+                models: vec!["m".into()],
+                max_concurrent_requests: 1,
+                weight: 1,
+                api_key: None,
+                health_path: None,
+            }])
+            .unwrap(),
+        );
+        let mut policies = vec![PolicyConfig {
+            name: "router".into(),
+            module: "builtin:model-router".into(),
+            config: json!({}),
+            on_error: OnError::FailClosed,
+        }];
+        if mask {
+            policies.insert(
+                0,
+                PolicyConfig {
+                    name: "words".into(),
+                    module: "builtin:sensitive-words".into(),
+                    config: json!({"words": ["secret"], "action": "mask", "scope": "response"}),
+                    on_error: OnError::FailClosed,
+                },
+            );
+        }
+        let chain = Arc::new(Chain::load(&runtime, &fleet, &policies).await.unwrap());
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let request = http::Request::post("/v1/chat/completions")
+            .header("host", "b")
+            .body(Empty::new())
+            .unwrap();
+        let (parts, mut incoming) = sender.send_request(request).await.unwrap().into_parts();
+        let first = incoming.frame().await.unwrap().unwrap().into_data().ok();
+        let backend = fleet.backends()[0].clone();
+        let answer = Answer {
+            slot: backend.try_acquire().unwrap(),
+            backend: backend.clone(),
+            model: "m".into(),
+            parts,
+            first,
+            incoming,
+        };
+        let filter = Filter {
+            runtime,
+            fleet,
+            holdback: chain.response_holdback(),
+            chain,
+            route: Route {
+                targets: Vec::new(),
+                info: RequestInfo {
+                    id: 1,
+                    endpoint: Endpoint::ChatCompletions,
+                    path: "/v1/chat/completions".into(),
+                    model: "m".into(),
+                    stream: true,
+                    consumer: None,
+                    body_size: 2,
+                },
+                headers: Arc::new(http::HeaderMap::new()),
+                body: Bytes::from_static(b"{}"),
+            },
+            strip_usage: false,
+        };
+        let ledger = Arc::new(Ledger {
+            store: None,
+            access_log: false,
+        });
+        let acct = Accounting::start(ledger, 1, "chat.completions", "m", true, None, Bytes::new());
+        (filter.stream(answer, acct), backend)
+    }
+
+    /// A backend breaking off mid-stream: the text held back for the
+    /// filters still reaches the client, before the error event.
+    #[tokio::test]
+    async fn held_text_is_flushed_before_the_error_event() {
+        let (response, _) = relay(true, |mut stream| {
+            stream.write_all(HEAD).unwrap();
+            stream.write_all(&hello_chunk()).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            // Closed with the chunked body unfinished.
+        })
+        .await;
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        let hello = text
+            .find("\"Hello\"")
+            .unwrap_or_else(|| panic!("held text lost: {text}"));
+        let error = text.find("backend_stream_error").expect("no error event");
+        assert!(hello < error, "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    }
+
+    /// A client leaving while the backend is silent mid-stream: the
+    /// backend's connection is closed and its slot freed at once, not at
+    /// the backend's next byte.
+    #[tokio::test]
+    async fn a_client_leaving_a_silent_stream_frees_the_backend() {
+        let (closed_tx, closed_rx) = std::sync::mpsc::channel();
+        let (response, backend) = relay(false, move |mut stream| {
+            stream.write_all(HEAD).unwrap();
+            stream.write_all(&hello_chunk()).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let mut sink = [0u8; 64];
+            let closed = matches!(stream.read(&mut sink), Ok(0) | Err(_));
+            let _ = closed_tx.send((closed, Instant::now()));
+        })
+        .await;
+        let mut body = response.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert!(String::from_utf8_lossy(&first).contains("Hello"));
+        assert_eq!(backend.in_flight(), 1);
+        let left = Instant::now();
+        drop(body);
+        let (closed, at) = tokio::task::spawn_blocking(move || closed_rx.recv().unwrap())
+            .await
+            .unwrap();
+        assert!(closed);
+        assert!(
+            at - left < Duration::from_secs(5),
+            "closed after {:?}",
+            at - left
+        );
+        for _ in 0..100 {
+            if backend.in_flight() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the slot was not freed");
     }
 }

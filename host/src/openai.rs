@@ -39,8 +39,25 @@ pub struct RequestHead {
     pub include_usage: bool,
 }
 
+/// The deepest nesting of arrays and objects a body may have: what
+/// serde_json — and so the policies' SDK, the tokenizer and most backends —
+/// parses. Deeper bodies would be refused downstream, or worse.
+pub const MAX_DEPTH: usize = 127;
+
 impl RequestHead {
     pub fn parse(body: &[u8]) -> Result<RequestHead, GatewayError> {
+        // serde_json checks UTF-8 only in the strings it reads, not in the
+        // fields it skips (a prompt): check it all, or invalid text would
+        // be forwarded to the backend.
+        if let Err(e) = std::str::from_utf8(body) {
+            return Err(GatewayError::bad_request(
+                format!(
+                    "The request body is not valid UTF-8 (at byte {}).",
+                    e.valid_up_to()
+                ),
+                "invalid_json",
+            ));
+        }
         #[derive(Deserialize)]
         struct Head<'a> {
             #[serde(borrow, default)]
@@ -68,6 +85,21 @@ impl RequestHead {
                 ),
             }
         })?;
+        // serde reads a struct from an array too (`["m", true]`): only an
+        // object is a request.
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(GatewayError::bad_request(
+                "The request body must be a JSON object.",
+                "invalid_request_body",
+            ));
+        }
+        // Skipped fields are not depth-limited by serde_json either.
+        if too_deep(body, MAX_DEPTH) {
+            return Err(GatewayError::bad_request(
+                format!("The request body is nested deeper than {MAX_DEPTH} levels."),
+                "invalid_json",
+            ));
+        }
         match head.model {
             Some(model) if !model.is_empty() => Ok(RequestHead {
                 model: model.into_owned(),
@@ -84,6 +116,37 @@ impl RequestHead {
             }),
         }
     }
+}
+
+/// Whether arrays and objects in `body` (JSON) nest deeper than `limit`.
+fn too_deep(body: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in body {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// `body` with its top-level `model` replaced. Other fields are copied as
@@ -170,6 +233,54 @@ mod tests {
         assert_eq!(code(b"{\"model\":\"\"}"), "missing_model");
         assert_eq!(code(b"{\"model\":7}"), "invalid_request_body");
         assert_eq!(code(b"[1,2]"), "invalid_request_body");
+        // Found by fuzzing: an array whose first item is a string was read
+        // as a request for that model, and could not be rewritten.
+        assert_eq!(code(b"[\"]\"]"), "invalid_request_body");
+        assert_eq!(
+            code(b" [\"m\", true, {\"include_usage\": true}]"),
+            "invalid_request_body"
+        );
+    }
+
+    #[test]
+    fn bodies_that_are_not_utf8_anywhere_are_refused() {
+        let code = |b: &[u8]| RequestHead::parse(b).unwrap_err().code().to_string();
+        // In a field the head reads, and in one it only skips.
+        assert_eq!(code(b"{\"model\":\"m\xff\"}"), "invalid_json");
+        assert_eq!(
+            code(b"{\"model\":\"m\",\"messages\":[{\"content\":\"\xc0\xaf\"}]}"),
+            "invalid_json"
+        );
+        assert_eq!(
+            code(b"{\"model\":\"m\",\"user\":\"\xed\xa0\x80\"}"),
+            "invalid_json"
+        );
+        assert!(
+            RequestHead::parse("{\"model\":\"m\",\"user\":\"\u{e9}\u{1F600}\"}".as_bytes()).is_ok()
+        );
+    }
+
+    #[test]
+    fn bodies_nested_too_deep_are_refused() {
+        let nested = |depth: usize| {
+            format!(
+                "{{\"model\":\"m\",\"x\":{}1{},\"s\":\"[[[[{{\\\"\"}}",
+                "[".repeat(depth),
+                "]".repeat(depth)
+            )
+        };
+        // The outer object counts: `x` may nest MAX_DEPTH - 1 deep.
+        assert!(RequestHead::parse(nested(MAX_DEPTH - 1).as_bytes()).is_ok());
+        let refused = RequestHead::parse(nested(MAX_DEPTH).as_bytes()).unwrap_err();
+        assert_eq!(refused.code(), "invalid_json");
+        assert_eq!(
+            RequestHead::parse(nested(1_000_000).as_bytes())
+                .unwrap_err()
+                .code(),
+            "invalid_json"
+        );
+        // What is accepted, serde_json parses whole.
+        serde_json::from_str::<serde_json::Value>(&nested(MAX_DEPTH - 1)).unwrap();
     }
 
     #[test]

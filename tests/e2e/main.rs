@@ -3,6 +3,7 @@
 
 mod common;
 
+mod abuse;
 mod cli;
 mod consumers;
 mod deploy;
