@@ -59,10 +59,10 @@ impl Admin {
             return self.playground(request).await;
         }
         if !self.authorized(&request) {
-            // Read the upload before refusing it: answering mid-upload makes
-            // the connection close under the client, which then sees a reset
-            // instead of the 401.
-            drain(request.into_body(), MAX_MODULE_BYTES).await;
+            // Answering mid-upload would reset the connection under the
+            // client, which then never sees the 401.
+            let (parts, body) = request.into_parts();
+            crate::request_body::linger(&parts.headers, body, MAX_MODULE_BYTES);
             let mut response = GatewayError::AdminUnauthorized.into_response();
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -132,7 +132,8 @@ impl Admin {
             }
             (&Method::POST, ["admin", "consumers"]) => {
                 let (parts, body) = request.into_parts();
-                let body = crate::server::read_body(&parts.headers, body, 1 << 20).await?;
+                let body =
+                    crate::request_body::read(&parts.headers, body, admin_body(1 << 20)).await?;
                 let new: NewConsumer = serde_json::from_slice(&body).map_err(|e| {
                     GatewayError::bad_request(
                         format!("The consumer is not valid JSON: {e}."),
@@ -173,7 +174,8 @@ impl Admin {
                 let mut deploy = deploy_request(&query)?;
                 let (parts, body) = request.into_parts();
                 let bytes =
-                    crate::server::read_body(&parts.headers, body, MAX_MODULE_BYTES).await?;
+                    crate::request_body::read(&parts.headers, body, admin_body(MAX_MODULE_BYTES))
+                        .await?;
                 deploy.source = "api".into();
                 let version = deployer.deploy(&name, bytes.to_vec(), deploy).await?;
                 json(StatusCode::OK, &version)
@@ -280,15 +282,12 @@ impl From<ConsumerError> for GatewayError {
     }
 }
 
-/// Reads and discards a request body, up to `limit` bytes.
-pub(crate) async fn drain(mut body: Incoming, limit: u64) {
-    use http_body_util::BodyExt;
-    let mut read = 0u64;
-    while let Some(Ok(frame)) = body.frame().await {
-        read += frame.data_ref().map_or(0, |d| d.len() as u64);
-        if read > limit {
-            break;
-        }
+/// Admin bodies (configs, modules) come from operators' tools on a fast
+/// link; a minute bounds even a large module on a slow one.
+fn admin_body(max_bytes: u64) -> crate::request_body::BodyLimits {
+    crate::request_body::BodyLimits {
+        max_bytes,
+        timeout: std::time::Duration::from_secs(60),
     }
 }
 

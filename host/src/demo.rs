@@ -89,7 +89,10 @@ Ctrl-C stops it."#,
         listener,
         move |r| gateway.clone().handle(r),
         shutdown,
-        Duration::from_secs(5),
+        server::ServeOptions {
+            drain: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(10),
+        },
     )
     .await
 }

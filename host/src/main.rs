@@ -373,12 +373,15 @@ async fn serve(
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let drain = config.server.shutdown_timeout;
+    let options = server::ServeOptions {
+        drain: config.server.shutdown_timeout,
+        header_timeout: config.server.header_timeout,
+    };
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
         move |r| admin.clone().handle(r),
         wait(stopped.clone()),
-        drain,
+        options,
     ));
     let data = server::serve(
         listener,
@@ -387,7 +390,7 @@ async fn serve(
             move |r| gateway.clone().handle(r)
         },
         wait(stopped),
-        drain,
+        options,
     );
     // First signal: /ready turns 503 while requests are still served, then
     // the listeners close and open requests and streams drain. A second

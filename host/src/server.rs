@@ -10,10 +10,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -31,6 +30,7 @@ use crate::limits::{Limiter, Ticket};
 use crate::openai::{self, Endpoint, RequestHead};
 use crate::policy::{Chain, PolicyRequest, Runtime};
 use crate::proxy::{Answer, Upstream};
+use crate::request_body::{self, BodyLimits};
 use crate::usage::{UsageStore, WriterOptions};
 use arc_swap::ArcSwap;
 
@@ -43,7 +43,7 @@ pub struct Gateway {
     /// The live chain, swapped whole by deploys; a request loads it once.
     chain: Arc<ArcSwap<Chain>>,
     pub upstream: Upstream,
-    max_body_bytes: u64,
+    body_limits: BodyLimits,
     pub ledger: Arc<Ledger>,
     pub consumers: Arc<Consumers>,
     pub limiter: Arc<Limiter>,
@@ -102,7 +102,10 @@ impl Gateway {
             deployer,
             chain,
             upstream: Upstream::new(server, config.retry.clone()),
-            max_body_bytes: server.max_body_bytes,
+            body_limits: BodyLimits {
+                max_bytes: server.max_body_bytes,
+                timeout: server.body_timeout,
+            },
             ledger,
             next_id: AtomicU64::new(1),
             ready: std::sync::atomic::AtomicBool::new(true),
@@ -196,13 +199,13 @@ impl Gateway {
                         "invalid_api_key"
                     },
                 );
-                // Read the body first: refusing mid-upload resets the
-                // connection under the client, which then never sees the 401.
-                crate::admin::drain(body, self.max_body_bytes).await;
+                // Refusing mid-upload would reset the connection under the
+                // client, which then never sees the 401.
+                request_body::linger(&parts.headers, body, self.body_limits.max_bytes);
                 return Err(e.into());
             }
         };
-        let body = read_body(&parts.headers, body, self.max_body_bytes).await?;
+        let body = request_body::read(&parts.headers, body, self.body_limits).await?;
         let head = RequestHead::parse(&body)?;
         let ticket = match &consumer {
             Some(c) => self.admit(c, endpoint, &head, &body).await?,
@@ -274,6 +277,9 @@ impl Gateway {
             holdback,
             strip_usage,
         };
+        if !answer.parts.status.is_success() {
+            return Ok(crate::upstream_error::respond(answer, acct).await);
+        }
         if answer.is_event_stream() {
             return Ok(relay.stream(answer, acct));
         }
@@ -336,31 +342,6 @@ impl Gateway {
     }
 }
 
-/// Reads the whole request body, refusing one over `limit` before reading it
-/// when the client announced its length, and as soon as it passes the limit
-/// otherwise.
-pub(crate) async fn read_body(
-    headers: &http::HeaderMap,
-    body: Incoming,
-    limit: u64,
-) -> Result<Bytes, GatewayError> {
-    let announced = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > limit) {
-        return Err(GatewayError::BodyTooLarge { limit });
-    }
-    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
-    match limited.collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(GatewayError::BodyTooLarge { limit })
-        }
-        Err(e) => Err(GatewayError::ClientBody(e.to_string())),
-    }
-}
-
 fn json_response(value: &serde_json::Value) -> Response<Body> {
     let mut response = Response::new(Body::json(value));
     response
@@ -378,19 +359,34 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("binding {addr}"))
 }
 
+/// How a listener treats its connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// On shutdown, how long open requests and streams may take to end.
+    pub drain: Duration,
+    /// Time a client has to send a request head (HTTP/1).
+    pub header_timeout: Duration,
+}
+
 /// Serves `handler` until `shutdown` resolves, then stops accepting and
-/// lets open requests and streams finish for up to `drain`.
+/// lets open requests and streams finish for up to `options.drain`.
 pub async fn serve<F, Fut>(
     listener: TcpListener,
     handler: F,
     shutdown: impl Future<Output = ()>,
-    drain: Duration,
+    options: ServeOptions,
 ) -> anyhow::Result<()>
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let drain = options.drain;
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
