@@ -20,6 +20,8 @@ pub enum GatewayError {
     },
     #[error("The request body is larger than the limit of {limit} bytes.")]
     BodyTooLarge { limit: u64 },
+    #[error("The request body did not arrive within {timeout:?}.")]
+    BodyTimeout { timeout: Duration },
     #[error("Reading the request body failed: {0}")]
     ClientBody(String),
     #[error("Unknown path `{0}`.")]
@@ -83,6 +85,7 @@ impl GatewayError {
         match self {
             BadRequest { .. } | ClientBody(_) => StatusCode::BAD_REQUEST,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             NotFound(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Rejected { status, .. } => *status,
@@ -111,6 +114,7 @@ impl GatewayError {
             BadRequest { code, .. } => code,
             ClientBody(_) => "invalid_body",
             BodyTooLarge { .. } => "request_too_large",
+            BodyTimeout { .. } => "request_timeout",
             NotFound(_) => "not_found",
             MethodNotAllowed { .. } => "method_not_allowed",
             Rejected { code, .. } => code,
@@ -135,14 +139,7 @@ impl GatewayError {
     /// The one place a failure becomes an HTTP response.
     pub fn into_response(self) -> Response<Body> {
         let status = self.status();
-        let kind = match status.as_u16() {
-            401 => "authentication_error",
-            403 => "permission_error",
-            404 => "invalid_request_error",
-            429 => "rate_limit_error",
-            400..=499 => "invalid_request_error",
-            _ => "server_error",
-        };
+        let kind = error_type(status);
         let param = match &self {
             GatewayError::BadRequest { param, .. } => *param,
             _ => None,
@@ -185,5 +182,16 @@ impl GatewayError {
                 .insert(header::ALLOW, HeaderValue::from_static("POST"));
         }
         response
+    }
+}
+
+/// OpenAI's error `type` for a status.
+pub fn error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        429 => "rate_limit_error",
+        400..=499 => "invalid_request_error",
+        _ => "server_error",
     }
 }
