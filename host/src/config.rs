@@ -72,6 +72,13 @@ pub struct ServerConfig {
     /// read. Long-context prompts of several MiB are normal.
     #[serde(deserialize_with = "de_bytes")]
     pub max_body_bytes: u64,
+    /// Time a client has to send its request head; slower ones get 408 and
+    /// are disconnected (slow-header attacks hold connections otherwise).
+    #[serde(deserialize_with = "de_duration")]
+    pub header_timeout: Duration,
+    /// Time a client has to send its whole request body (408 after).
+    #[serde(deserialize_with = "de_duration")]
+    pub body_timeout: Duration,
     /// Time allowed to open a TCP connection to a backend.
     #[serde(deserialize_with = "de_duration")]
     pub connect_timeout: Duration,
@@ -108,6 +115,8 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 16 << 20,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(3),
             response_timeout: Duration::from_secs(120),
             shutdown_timeout: Duration::from_secs(30),
@@ -506,6 +515,14 @@ impl Config {
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be greater than 0"));
         }
+        for (key, value) in [
+            ("server.header_timeout", self.server.header_timeout),
+            ("server.body_timeout", self.server.body_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
         let rt = &self.policy_runtime;
         if rt.timeout.is_zero() {
             return Err(invalid("policy_runtime.timeout", "must be greater than 0"));
@@ -718,13 +735,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let n: u64 = number
         .parse()
         .map_err(|_| format!("`{text}` is not a duration like \"500ms\", \"3s\" or \"2m\""))?;
-    match unit.trim() {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        other => Err(format!("`{other}` is not a duration unit (ms, s, m, h)")),
-    }
+    let seconds_per_unit = match unit.trim() {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        other => return Err(format!("`{other}` is not a duration unit (ms, s, m, h)")),
+    };
+    n.checked_mul(seconds_per_unit)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("`{text}` is too long"))
 }
 
 /// Accepts `"16MiB"`, `"512KiB"`, `"1GiB"`, `"100B"`, or a bare byte count.
