@@ -277,6 +277,7 @@ async fn relay(w: &World, input: &Input, body: Vec<u8>, cuts: &[u8]) -> Vec<u8> 
         fleet: w.fleet.clone(),
         chain: chain.clone(),
         route: Route {
+            idempotent: true,
             targets: Vec::new(),
             info: RequestInfo {
                 id: 1,

@@ -356,7 +356,10 @@ fn has_text_field(choice: &Value, chat: bool, outer: &str) -> bool {
     let Some(choice) = choice.as_object() else {
         return false;
     };
-    !chat || choice.get(outer).is_none_or(|v| v.is_object() || v.is_null())
+    !chat
+        || choice
+            .get(outer)
+            .is_none_or(|v| v.is_object() || v.is_null())
 }
 
 /// The field holding a streamed choice's text.
@@ -417,9 +420,21 @@ mod tests {
         assert!(no(serde_json::json!("x"), false));
         assert!(no(serde_json::json!({"delta": 5}), true));
         assert!(no(serde_json::json!({"delta": [1]}), true));
-        assert!(has_text_field(&serde_json::json!({"delta": 5, "text": "t"}), false, "delta"));
-        assert!(has_text_field(&serde_json::json!({"delta": null}), true, "delta"));
-        assert!(has_text_field(&serde_json::json!({"index": 0}), true, "delta"));
+        assert!(has_text_field(
+            &serde_json::json!({"delta": 5, "text": "t"}),
+            false,
+            "delta"
+        ));
+        assert!(has_text_field(
+            &serde_json::json!({"delta": null}),
+            true,
+            "delta"
+        ));
+        assert!(has_text_field(
+            &serde_json::json!({"index": 0}),
+            true,
+            "delta"
+        ));
     }
 
     #[test]
@@ -549,6 +564,7 @@ mod relay_tests {
             holdback: chain.response_holdback(),
             chain,
             route: Route {
+                idempotent: true,
                 targets: Vec::new(),
                 info: RequestInfo {
                     id: 1,

@@ -202,7 +202,10 @@ impl Upstream {
                 attempt: attempts,
                 remaining: queue.iter().map(Target::spec).collect(),
             };
-            let decision = if chain.handles_failures() {
+            let decision = if !route.idempotent && kind != AttemptFailureKind::Connect {
+                // It may have reached the backend: never sent twice.
+                FailureDecision::GiveUp
+            } else if chain.handles_failures() {
                 chain.on_failure(runtime, fleet, route, &failure).await?
             } else if kind == AttemptFailureKind::Status
                 && !retry.on_status.contains(&failure.status)
@@ -343,7 +346,13 @@ impl Upstream {
                 failed_model();
                 backend.record_failure(&error_chain(&e));
                 tracing::warn!(backend = %backend.name, error = %error_chain(&e), "backend unreachable");
-                return failed(AttemptFailureKind::Connect, unreachable(error_chain(&e)));
+                // Only a refused connection proves nothing was sent.
+                let kind = if e.is_connect() {
+                    AttemptFailureKind::Connect
+                } else {
+                    AttemptFailureKind::Broken
+                };
+                return failed(kind, unreachable(error_chain(&e)));
             }
             Err(_) => return timeout(),
         };

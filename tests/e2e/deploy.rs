@@ -203,6 +203,16 @@ async fn bad_deploys_are_refused_and_the_old_version_keeps_serving() {
     let empty_component = b"\0asm\x0d\0\x01\0".to_vec();
     let core_module = b"\0asm\x01\0\0\0".to_vec();
     let trapping = "?config=%7B%22always%22%3A%22trap%22%7D";
+    // A component whose one import — WASI's outbound HTTP, an instance
+    // exporting `handle: func()` — the host does not provide to policies.
+    let name = b"wasi:http/outgoing-handler@0.2.0";
+    let mut wants_http = b"\0asm\x0d\0\x01\0".to_vec();
+    wants_http.extend([7, 19, 1, 0x42, 2, 1, 0x40, 0, 1, 0, 4, 0, 6]);
+    wants_http.extend(b"handle");
+    wants_http.extend([1, 0]);
+    wants_http.extend([10, name.len() as u8 + 5, 1, 0, name.len() as u8]);
+    wants_http.extend(name);
+    wants_http.extend([5, 0]);
     for (bytes, query, expected) in [
         (
             b"not wasm at all".to_vec(),
@@ -218,6 +228,11 @@ async fn bad_deploys_are_refused_and_the_old_version_keeps_serving() {
             empty_component,
             String::new(),
             "does not export the policy world",
+        ),
+        (
+            wants_http,
+            String::new(),
+            "wasi:http/outgoing-handler@0.2.0",
         ),
         (
             module("misbehave"),
@@ -385,7 +400,7 @@ async fn rollback_remove_and_restart() {
         .unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["active_version"], 3);
-    assert_eq!(list[0]["contract"], "0.2.0");
+    assert_eq!(list[0]["contract"], "0.2.1");
     let versions = list[0]["versions"].as_array().unwrap();
     assert!(versions
         .iter()

@@ -305,6 +305,69 @@ async fn retries_follow_the_configured_statuses_and_bound() {
     );
 }
 
+/// A request a policy marked not idempotent is sent once: a 503 or a
+/// timeout from the first target reaches the client instead of a retry.
+/// When nothing was sent (connection refused) it still moves on. Unmarked
+/// requests are retried as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_marked_not_idempotent_is_never_sent_twice() {
+    let vm01 = mock("vm01", &["m"]).await;
+    let vm02 = mock("vm02", &["m"]).await;
+    let sluice = Sluice::start(&format!(
+        "[server]\nresponse_timeout = \"500ms\"\n[ejection]\nafter_failures = 0\n\
+         [health_check]\nenabled = false\n{}{}{}\
+         [[policies]]\nname = \"pin\"\nmodule = {:?}\nconfig = {{ default = \"vm01,vm02\" }}\n",
+        backend("vm01", &vm01.url(), &["m"], ""),
+        backend("vm02", &vm02.url(), &["m"], ""),
+        backend("dead", "http://127.0.0.1:9", &["m"], ""),
+        test_guest("pin-backend"),
+    ));
+    let client = client();
+    let send = |targets: &'static str, marked: bool| {
+        let mut request = client
+            .post(sluice.url("/v1/chat/completions"))
+            .header("x-pin-backend", targets)
+            .json(&chat("m"));
+        if marked {
+            request = request.header("x-not-idempotent", "1");
+        }
+        request.send()
+    };
+    let requests = |m: &MockBackend| m.stats.requests.load(Ordering::Relaxed);
+
+    vm01.stats.fail_status.store(503, Ordering::Relaxed);
+    let retried = send("vm01,vm02", false).await.unwrap();
+    assert_eq!(retried.status(), 200, "unmarked: the 503 moves on");
+    assert_eq!(retried.headers()["x-sluice-backend"], "vm02");
+    let (one, two) = (requests(&vm01), requests(&vm02));
+    let once = send("vm01,vm02", true).await.unwrap();
+    assert_eq!(once.status(), 503, "marked: the client gets the 503");
+    assert_eq!(requests(&vm01), one + 1);
+    assert_eq!(
+        requests(&vm02),
+        two,
+        "a marked request reached a second backend"
+    );
+
+    vm01.stats.fail_status.store(0, Ordering::Relaxed);
+    vm01.stats.header_delay_ms.store(2_000, Ordering::Relaxed);
+    let two = requests(&vm02);
+    let timed_out = send("vm01,vm02", true).await.unwrap();
+    assert_eq!(timed_out.status(), 504);
+    assert_eq!(
+        requests(&vm02),
+        two,
+        "a timed-out marked request was retried"
+    );
+    let moved = send("vm01,vm02", false).await.unwrap();
+    assert_eq!(moved.status(), 200, "unmarked: the timeout moves on");
+
+    // Refused: nothing was sent, so even a marked request moves on.
+    let refused = send("dead,vm02", true).await.unwrap();
+    assert_eq!(refused.status(), 200);
+    assert_eq!(refused.headers()["x-sluice-backend"], "vm02");
+}
+
 /// A backend configured without models is asked for them, at start and at
 /// every check: a model loaded later appears without a config change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -505,3 +505,43 @@ async fn a_policy_built_against_contract_0_1_still_works() {
         .unwrap();
     expect_error(response, 404, "legacy_model_not_found").await;
 }
+
+/// A component built against 0.2.0 (the `pin-backend` test guest as it was
+/// built before 0.2.1, kept in `tests/fixtures/`) loads on the 0.2.1 host,
+/// is reported as 0.2.0, and routes and rejects as it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_built_against_contract_0_2_0_still_works() {
+    let vm01 = mock("vm01", &["m"]).await;
+    let vm02 = mock("vm02", &["m"]).await;
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/pin_backend-0.2.0.wasm"
+    );
+    let sluice = Sluice::start(&format!(
+        "{}{}[[policies]]\nname = \"pin\"\nmodule = {fixture:?}\nconfig = {{ default = \"vm02\" }}\n",
+        backend("vm01", &vm01.url(), &["m"], ""),
+        backend("vm02", &vm02.url(), &["m"], ""),
+    ));
+    let client = client();
+    let pinned = |backend: &'static str| {
+        client
+            .post(sluice.url("/v1/chat/completions"))
+            .header("x-pin-backend", backend)
+            .json(&chat("m"))
+            .send()
+    };
+    for backend in ["vm01", "vm02"] {
+        let response = pinned(backend).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-sluice-backend"], backend);
+    }
+    let teapot = client
+        .post(sluice.url("/v1/chat/completions"))
+        .json(&json!({"model": "m", "user": "teapot", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(teapot, 418, "teapot").await;
+    let list: Value = get_json(&client, &sluice.admin_url("/admin/policies")).await;
+    assert_eq!(list[0]["contract"], "0.2.0", "{list}");
+}

@@ -76,6 +76,9 @@ impl PolicyRequest {
 /// later phases (failure, response) see it.
 pub struct Route {
     pub targets: Vec<Target>,
+    /// False when a policy marked the request not safe to send twice: no
+    /// retry or fallback once it may have reached a backend.
+    pub idempotent: bool,
     /// The request after every edit; `info.model` is the model in `body`.
     pub info: RequestInfo,
     pub headers: Arc<HeaderMap>,
@@ -248,9 +251,15 @@ impl Chain {
         fleet: &Arc<Fleet>,
         mut request: PolicyRequest,
     ) -> Result<Route, GatewayError> {
+        let mut idempotent = true;
         for entry in self.entries.iter().filter(|e| e.policy.hooks.request) {
             let policy = entry.policy.as_ref();
-            let verdict = run_request_phase(runtime, fleet, policy, &request).await;
+            let verdict = run_request_phase(runtime, fleet, policy, &request)
+                .await
+                .map(|(verdict, said)| {
+                    idempotent = said.unwrap_or(idempotent);
+                    verdict
+                });
             if let Some(shadow) = &entry.shadow {
                 run_shadow(runtime, fleet, shadow, &request, summary(&verdict));
             }
@@ -263,6 +272,7 @@ impl Chain {
                 Ok(Verdict::Route(targets)) => {
                     return Ok(Route {
                         targets,
+                        idempotent,
                         info: request.info(),
                         headers: request.headers,
                         body: request.body,
@@ -486,7 +496,9 @@ fn run_shadow(
         body: request.body.clone(),
     };
     tokio::spawn(async move {
-        let verdict = run_request_phase(&runtime, &fleet, &shadow.policy, &copy).await;
+        let verdict = run_request_phase(&runtime, &fleet, &shadow.policy, &copy)
+            .await
+            .map(|(verdict, _)| verdict);
         shadow.record(ShadowExample {
             request_id: copy.id,
             model: copy.head.model,
@@ -549,24 +561,25 @@ async fn run_request_phase(
     fleet: &Arc<Fleet>,
     policy: &LoadedPolicy,
     request: &PolicyRequest,
-) -> Result<Verdict, PolicyError> {
+) -> Result<(Verdict, Option<bool>), PolicyError> {
     let state = runtime.state(context(fleet, policy, &request.headers, &request.body));
     let started = Instant::now();
     let decision = runtime
         .on_request(&policy.pre, state, &request.info())
         .await;
     metrics().policy_call(&policy.name, "request", started.elapsed());
-    let decision = decision?;
+    let (decision, idempotent) = decision?;
     let invalid = |detail: String| invalid(policy, detail);
-    match decision {
-        Decision::Route(targets) => Ok(Verdict::Route(
-            resolve_targets(fleet, &request.head.model, targets).map_err(invalid)?,
-        )),
-        Decision::Reject(spec) => Ok(Verdict::Reject(rejection(spec).map_err(invalid)?)),
-        Decision::Pass { model, body } => Ok(Verdict::Pass(
-            apply_edits(request, model, body).map_err(invalid)?,
-        )),
-    }
+    let verdict = match decision {
+        Decision::Route(targets) => {
+            Verdict::Route(resolve_targets(fleet, &request.head.model, targets).map_err(invalid)?)
+        }
+        Decision::Reject(spec) => Verdict::Reject(rejection(spec).map_err(invalid)?),
+        Decision::Pass { model, body } => {
+            Verdict::Pass(apply_edits(request, model, body).map_err(invalid)?)
+        }
+    };
+    Ok((verdict, idempotent))
 }
 
 fn resolve_targets(

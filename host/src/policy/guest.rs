@@ -19,7 +19,9 @@ use super::contract::{
 use crate::fleet::Fleet;
 use crate::openai::Endpoint;
 
-/// `sluice:policy@0.2.0`: the current contract (`wit/policy.wit`).
+/// `sluice:policy@0.2.1`: the current contract (`wit/policy.wit`). It also
+/// serves 0.2.0 components: wasmtime matches `@0.2.0` names to `@0.2.1`
+/// (semver-compatible), and 0.2.1 only added an import.
 pub mod v2 {
     wasmtime::component::bindgen!({
         path: "../wit",
@@ -63,6 +65,8 @@ pub struct GuestState {
     pub max_body_bytes: usize,
     pub policy_name: Arc<str>,
     pub config_json: Arc<str>,
+    /// What the guest said through `request-options.set-idempotent`.
+    pub idempotent: Option<bool>,
 }
 
 /// What a call's state is made from, besides the runtime's limits.
@@ -95,6 +99,7 @@ impl GuestState {
             max_body_bytes,
             policy_name: context.policy_name,
             config_json: context.config_json,
+            idempotent: None,
         }
     }
 
@@ -307,6 +312,12 @@ macro_rules! versioned {
 
 versioned!(v1);
 versioned!(v2);
+
+impl v2::sluice::policy::request_options::Host for GuestState {
+    fn set_idempotent(&mut self, idempotent: bool) {
+        self.idempotent = Some(idempotent);
+    }
+}
 
 impl From<v2::sluice::policy::types::Hooks> for Hooks {
     fn from(h: v2::sluice::policy::types::Hooks) -> Self {

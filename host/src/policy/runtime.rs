@@ -180,7 +180,10 @@ impl Runtime {
             .instantiate_pre(&component)
             .map_err(|e| anyhow::anyhow!("imports something the host does not provide: {e:#}"))?;
         let v2_error = match v2::PolicyPre::new(linked.clone()) {
-            Ok(_) => return self.prepare_v2(bytes, context).await,
+            Ok(_) => {
+                let contract = v2_contract(&component, &self.engine);
+                return self.prepare_v2(bytes, context, contract).await;
+            }
             Err(e) => e,
         };
         match v1::PolicyPre::new(linked) {
@@ -190,12 +193,17 @@ impl Runtime {
                 contract: "0.1.0",
             }),
             Err(_) => anyhow::bail!(
-                "does not export the policy world of sluice:policy@0.2.0 (nor @0.1.0): {v2_error:#}"
+                "does not export the policy world of sluice:policy@0.2 (nor @0.1.0): {v2_error:#}"
             ),
         }
     }
 
-    async fn prepare_v2(&self, bytes: &[u8], context: CallContext) -> anyhow::Result<Prepared> {
+    async fn prepare_v2(
+        &self,
+        bytes: &[u8],
+        context: CallContext,
+        contract: &'static str,
+    ) -> anyhow::Result<Prepared> {
         let wizer = wasmtime_wizer::Wizer::new();
         let (cx, instrumented) = wizer
             .instrument_component(bytes)
@@ -230,7 +238,7 @@ impl Runtime {
         Ok(Prepared {
             pre: Pre::V2(self.link_v2(&snapshot)?),
             hooks,
-            contract: "0.2.0",
+            contract,
         })
     }
 
@@ -250,16 +258,19 @@ impl Runtime {
         pre: &Pre,
         state: GuestState,
         request: &RequestInfo,
-    ) -> Result<Decision, PolicyError> {
+    ) -> Result<(Decision, Option<bool>), PolicyError> {
         match pre {
-            Pre::V2(pre) => in_instance!(self, state, pre, |store, policy| policy
-                .sluice_policy_request_phase()
-                .call_on_request(&mut store, &request.into()))
-            .map(Decision::from),
+            Pre::V2(pre) => in_instance!(self, state, pre, |store, policy| async {
+                let decision = policy
+                    .sluice_policy_request_phase()
+                    .call_on_request(&mut store, &request.into())
+                    .await?;
+                Ok((Decision::from(decision), store.data().idempotent))
+            }),
             Pre::V1(pre) => in_instance!(self, state, pre, |store, policy| policy
                 .sluice_policy_request_phase()
                 .call_on_request(&mut store, &request.into()))
-            .map(Decision::from),
+            .map(|d| (Decision::from(d), None)),
         }
     }
 
@@ -300,6 +311,20 @@ impl Runtime {
     }
 }
 
+/// Which 0.2 minor a component was built against, from its exports' names
+/// (both link to the 0.2.1 bindings).
+fn v2_contract(component: &Component, engine: &Engine) -> &'static str {
+    let built_for_020 = component
+        .component_type()
+        .exports(engine)
+        .any(|(name, _)| name == "sluice:policy/lifecycle@0.2.0");
+    if built_for_020 {
+        "0.2.0"
+    } else {
+        "0.2.1"
+    }
+}
+
 /// Names what went wrong in a guest call: the memory cap, the timeout, or a
 /// trap, with the guest's own stderr (panic messages) for the log.
 fn guest_error(
@@ -333,5 +358,33 @@ fn guest_error(
 impl Drop for Runtime {
     fn drop(&mut self) {
         self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contract_versions_are_told_apart() {
+        let runtime = Runtime::new(&PolicyRuntimeConfig::default()).unwrap();
+        let current = Component::new(
+            &runtime.engine,
+            crate::policy::builtin::find("model-router").unwrap(),
+        )
+        .unwrap();
+        let names: Vec<String> = current
+            .component_type()
+            .exports(&runtime.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        eprintln!("{names:?}");
+        assert_eq!(v2_contract(&current, &runtime.engine), "0.2.1");
+        let old = Component::new(
+            &runtime.engine,
+            include_bytes!("../../../tests/fixtures/pin_backend-0.2.0.wasm"),
+        )
+        .unwrap();
+        assert_eq!(v2_contract(&old, &runtime.engine), "0.2.0");
     }
 }

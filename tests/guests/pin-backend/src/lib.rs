@@ -3,6 +3,8 @@
 //! rewrites the model when `x-pin-model` is set,
 //! and rejects with 418 when the body's `user` is "teapot" — so a test can
 //! observe headers, body, config, fleet and every kind of decision.
+//! `x-pin-backend` may list several backends (`vm01,vm02`): they are the
+//! targets, in order. `x-not-idempotent` marks the request not idempotent.
 
 use serde::Deserialize;
 use sluice_guest::{export_policy, fleet, log, request, Decision, Policy, Request, Target};
@@ -43,13 +45,22 @@ impl Policy for PinBackend {
         let backend = request::header("x-pin-backend")
             .or(tenant)
             .unwrap_or_else(|| self.config.default.clone());
-        if !fleet::backends().iter().any(|b| b.name == backend) {
+        if !fleet::backends()
+            .iter()
+            .any(|b| backend.split(',').any(|n| n.trim() == b.name))
+        {
             log::warn(&format!("no backend named {backend}; routing anyway"));
         }
+        if request::header("x-not-idempotent").is_some() {
+            request::not_idempotent();
+        }
+        let targets = backend.split(',').map(str::trim);
         match request::header("x-pin-model") {
-            Some(model) => Decision::route(vec![Target::with_model(&backend, &model)]),
+            Some(model) => {
+                Decision::route(targets.map(|b| Target::with_model(b, &model)).collect())
+            }
             None if req.model.is_empty() => Decision::reject(400, "empty_model", "empty"),
-            None => Decision::route_to(&backend),
+            None => Decision::route(targets.map(Target::new).collect()),
         }
     }
 }
