@@ -46,7 +46,7 @@ for target in $targets; do
   cargo fuzz run "${flags[@]}" "$target" "$scratch/$target" "fuzz/corpus/$target" -- \
     -max_total_time="$seconds" -timeout=30 -rss_limit_mb=4096 -max_len=65536 \
     -jobs="$jobs" -workers="$jobs" -print_final_stats=1 >"$log" 2>&1 || status=$?
-  runs="$(grep -h 'stat::number_of_executed_units' "$log" fuzz-*.log 2>/dev/null | awk '{s+=$2} END {print s+0}')"
+  runs="$(cat "$log" fuzz-*.log 2>/dev/null | awk '/stat::number_of_executed_units/ {s+=$2} END {print s+0}')"
   rm -f fuzz-*.log
   if [ "$status" -ne 0 ]; then
     tail -n 60 "$log"

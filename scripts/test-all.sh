@@ -4,8 +4,9 @@
 # shared-limits test starts its own on loopback), then the host's unit and
 # end-to-end tests (which build the guests from source), the guest SDK's and
 # the bundled policies' tests, the console's browser tests in headless
-# Chromium, the offline checks of deploy/ (Dockerfile, Helm chart), and the
-# real-world suite (the OpenAI SDK as client, llama.cpp as backend).
+# Chromium, the offline checks of deploy/ (Dockerfile, Helm chart), a short
+# bounded run of every fuzz target, and the real-world suite (the OpenAI SDK
+# as client, llama.cpp as backend).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,4 +22,5 @@ fi
 cargo test --release -p sluice -p sluice-guest -p sensitive-words -p fallback
 bash scripts/test-browser.sh
 bash scripts/check-deploy.sh
+FUZZ_SECONDS="${FUZZ_SECONDS:-15}" bash scripts/fuzz.sh
 bash scripts/test-real.sh

@@ -258,12 +258,12 @@ fn post_raw(
         .body(body)
 }
 
-/// Reads one HTTP/1.1 response from `buffer` at `at`: status, headers
-/// (lower-case), body, and where the next response starts.
-fn parse_response(
-    buffer: &[u8],
-    at: usize,
-) -> Option<(u16, Vec<(String, String)>, Vec<u8>, usize)> {
+/// One raw HTTP/1.1 response: status, headers (lower-case), body, and
+/// where the next response starts in the buffer.
+type RawResponse = (u16, Vec<(String, String)>, Vec<u8>, usize);
+
+/// Reads one HTTP/1.1 response from `buffer` at `at`.
+fn parse_response(buffer: &[u8], at: usize) -> Option<RawResponse> {
     let head_end = at + find(&buffer[at..], b"\r\n\r\n")? + 4;
     let head = std::str::from_utf8(&buffer[at..head_end]).ok()?;
     let mut lines = head.lines();
@@ -1345,4 +1345,118 @@ fn overflowing_config_values_are_refused() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(key), "{key}: {stderr}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// Secrets
+
+/// At the default log level (`info`), nothing secret reaches the log:
+/// not a right or wrong API key, not the admin token, not prompt text —
+/// whether the request is served, refused by auth, blocked by a policy or
+/// failed by a dead backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_key_token_or_prompt_reaches_the_log() {
+    let ok = mock("ok", &["ok"]).await;
+    let sluice = Sluice::start_with(
+        &format!(
+            "[auth]\nrequired = true\n[[consumers]]\nname = \"alice\"\nkey_hashes = [{:?}]\n\
+             [[policies]]\nname = \"words\"\nmodule = \"builtin:sensitive-words\"\n\
+             config = {{ words = [\"forbidden\"], action = \"block\" }}\n\
+             [[policies]]\nname = \"router\"\nmodule = \"builtin:model-router\"\n{}{}",
+            sluice::consumers::hash_key("sk-canary-right-5e1f"),
+            backend("ok", &ok.url(), &["ok"], ""),
+            backend("dead", "http://127.0.0.1:9", &["dead"], ""),
+        ),
+        &[
+            ("RUST_LOG", "info"),
+            ("SLUICE_ADMIN_TOKEN", "adm-canary-token-9c2d"),
+        ],
+    );
+    let client = client();
+    let prompt = |model: &str, text: &str| {
+        json!({"model": model, "max_tokens": 4,
+               "messages": [{"role": "user", "content": text}]})
+    };
+    let send = |key: &'static str, body: Value| {
+        client
+            .post(sluice.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+    };
+    let served = send("sk-canary-right-5e1f", prompt("ok", "canary-prompt-a1b2"))
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
+    let wrong = send("sk-canary-wrong-77aa", prompt("ok", "canary-prompt-a1b2"))
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let blocked = send(
+        "sk-canary-right-5e1f",
+        prompt("ok", "canary-prompt-a1b2 forbidden"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(blocked.status(), 400);
+    let failed = send("sk-canary-right-5e1f", prompt("dead", "canary-prompt-a1b2"))
+        .await
+        .unwrap();
+    assert!(failed.status().is_server_error(), "{}", failed.status());
+    let admin = client
+        .get(sluice.admin_url("/admin/policies"))
+        .bearer_auth("adm-canary-token-9c2d")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), 200);
+    let refused = client
+        .get(sluice.admin_url("/admin/policies"))
+        .bearer_auth("adm-canary-wrong-31f0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+
+    let log = sluice.log();
+    assert!(
+        log.contains("sluice::access") && log.contains("backend unreachable"),
+        "the log is not at info level, so the test proves nothing:\n{log}"
+    );
+    for secret in ["sk-canary", "canary-prompt", "adm-canary", "forbidden"] {
+        assert!(!log.contains(secret), "`{secret}` reached the log:\n{log}");
+    }
+}
+
+/// An admin listener on a non-loopback address without a token would hand
+/// deploys to anyone on the network: the gateway refuses to start.
+#[test]
+fn the_admin_listener_needs_a_token_off_loopback() {
+    let dir = TempDir::new();
+    let config = dir.write(
+        "sluice.toml",
+        backend("vm01", "http://127.0.0.1:9", &["m"], ""),
+    );
+    let out = std::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "0.0.0.0:0",
+            "--config",
+        ])
+        .arg(&config)
+        .env_remove("SLUICE_ADMIN_TOKEN")
+        .output()
+        .expect("running sluice");
+    assert!(
+        !out.status.success(),
+        "it served without a token on 0.0.0.0"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("server.admin_listen") && stderr.contains("token"),
+        "{stderr}"
+    );
 }
