@@ -44,6 +44,8 @@ pub struct Config {
     #[serde(default)]
     pub usage: UsageConfig,
     #[serde(default)]
+    pub recording: RecordingConfig,
+    #[serde(default)]
     pub health_check: HealthCheckConfig,
     #[serde(default)]
     pub ejection: EjectionConfig,
@@ -180,6 +182,35 @@ impl Default for UsageConfig {
             database: None,
             disabled: false,
             access_log: true,
+        }
+    }
+}
+
+/// Sampling live requests to a JSON-lines file that `sluice policy test`
+/// replays: metadata and the body (bounded), never credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordingConfig {
+    /// The file to append to (relative to the config file); unset: off.
+    pub path: Option<PathBuf>,
+    /// Share of requests recorded, 0.0 to 1.0.
+    pub sample: f64,
+    /// Bodies larger than this are recorded as their `model` and `stream`
+    /// only (enough to replay routing).
+    #[serde(deserialize_with = "de_bytes")]
+    pub max_body_bytes: u64,
+    /// Recording stops when the file reaches this size.
+    #[serde(deserialize_with = "de_bytes")]
+    pub max_file_bytes: u64,
+}
+
+impl Default for RecordingConfig {
+    fn default() -> Self {
+        RecordingConfig {
+            path: None,
+            sample: 0.01,
+            max_body_bytes: 64 << 10,
+            max_file_bytes: 100 << 20,
         }
     }
 }
@@ -482,6 +513,7 @@ impl Config {
             ),
         );
         store.watch_dir = store.watch_dir.take().map(|d| base.join(d));
+        config.recording.path = config.recording.path.take().map(|p| base.join(p));
         let usage = &mut config.usage;
         usage.database = Some(
             base.join(
@@ -514,6 +546,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be greater than 0"));
+        }
+        if !(0.0..=1.0).contains(&self.recording.sample) {
+            return Err(invalid("recording.sample", "must be between 0.0 and 1.0"));
         }
         for (key, value) in [
             ("server.header_timeout", self.server.header_timeout),

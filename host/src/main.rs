@@ -38,6 +38,38 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum PolicyAction {
+    /// Create a policy crate NAME/ that builds and passes its test as is
+    /// (no admin API involved).
+    New {
+        name: String,
+        /// The directory to create it in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The guest SDK (`guest/` of the Sluice sources) to depend on.
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Run a policy offline on recorded requests (JSON lines) against a
+    /// described fleet and print each decision; with --expect, fail on any
+    /// difference from a file of expected decisions (e.g. a previous run's
+    /// output). No admin API involved.
+    Test {
+        /// FILE.wasm, or builtin:NAME.
+        module: String,
+        /// Recorded requests, one JSON object per line (see `[recording]`).
+        #[arg(long)]
+        requests: PathBuf,
+        /// A TOML file with `[[backends]]` (and `[state.NAME] healthy,
+        /// in_flight`); default: one backend serving every requested model.
+        #[arg(long)]
+        fleet: Option<PathBuf>,
+        /// The policy's config as a JSON file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Expected decisions, one JSON object per line.
+        #[arg(long)]
+        expect: Option<PathBuf>,
+    },
     /// Deploy FILE.wasm as a new version of NAME (a new policy if NAME is new).
     Deploy {
         name: String,
@@ -191,8 +223,57 @@ async fn run(command: Command) -> anyhow::Result<()> {
             admin_token,
             action,
         } => {
+            if let PolicyAction::New { name, dir, sdk } = &action {
+                let sdk = sdk.clone().unwrap_or_else(sluice::scaffold::default_sdk);
+                let root = sluice::scaffold::create(name, dir, &sdk)?;
+                println!(
+                    "created {root}\n  cd {root}\n  cargo test\n  cargo build --target wasm32-wasip2 --release\n  sluice policy deploy {name} target/wasm32-wasip2/release/{file}.wasm",
+                    root = root.display(),
+                    file = name.replace('-', "_"),
+                );
+                return Ok(());
+            }
+            if let PolicyAction::Test {
+                module,
+                requests,
+                fleet,
+                config,
+                expect,
+            } = &action
+            {
+                let config = match config {
+                    Some(path) => serde_json::from_str(
+                        &std::fs::read_to_string(path)
+                            .with_context(|| format!("reading {}", path.display()))?,
+                    )
+                    .with_context(|| format!("{}: not JSON", path.display()))?,
+                    None => serde_json::json!({}),
+                };
+                let (decisions, differences) = sluice::replay::run(
+                    &Default::default(),
+                    module,
+                    config,
+                    requests,
+                    fleet.as_deref(),
+                    expect.as_deref(),
+                )
+                .await?;
+                for decision in &decisions {
+                    println!("{decision}");
+                }
+                if !differences.is_empty() {
+                    for difference in &differences {
+                        eprintln!("{difference}");
+                    }
+                    anyhow::bail!("{} decisions differ from the expected", differences.len());
+                }
+                return Ok(());
+            }
             let client = AdminClient::new(&admin_url, admin_token);
             let output = match action {
+                PolicyAction::New { .. } | PolicyAction::Test { .. } => {
+                    unreachable!("handled above")
+                }
                 PolicyAction::Deploy {
                     name,
                     module,

@@ -30,6 +30,7 @@ use crate::limits::{Limiter, Ticket};
 use crate::openai::{self, Endpoint, RequestHead};
 use crate::policy::{Chain, PolicyRequest, Runtime};
 use crate::proxy::{Answer, Upstream};
+use crate::recording::Recorder;
 use crate::request_body::{self, BodyLimits};
 use crate::usage::{UsageStore, WriterOptions};
 use arc_swap::ArcSwap;
@@ -47,6 +48,8 @@ pub struct Gateway {
     pub ledger: Arc<Ledger>,
     pub consumers: Arc<Consumers>,
     pub limiter: Arc<Limiter>,
+    /// Samples requests for `sluice policy test` (`[recording]`).
+    recorder: Option<Recorder>,
     next_id: AtomicU64,
     started_at: u64,
     /// False once shutdown began: `/ready` answers 503.
@@ -107,6 +110,7 @@ impl Gateway {
                 timeout: server.body_timeout,
             },
             ledger,
+            recorder: Recorder::start(&config.recording),
             next_id: AtomicU64::new(1),
             ready: std::sync::atomic::AtomicBool::new(true),
             started_at: SystemTime::now()
@@ -225,6 +229,15 @@ impl Gateway {
         // The client's own stream options decide what it sees; the gateway
         // asks for usage regardless, to count exactly, and strips it again.
         let strip_usage = head.stream && endpoint != Endpoint::Embeddings && !head.include_usage;
+        if let Some(recorder) = self.recorder.as_ref().filter(|r| r.samples(id)) {
+            recorder.record(
+                parts.uri.path(),
+                &parts.headers,
+                consumer.as_ref().map(|c| c.name.as_str()),
+                &head,
+                &body,
+            );
+        }
         let request = PolicyRequest {
             id,
             endpoint,

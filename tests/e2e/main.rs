@@ -4,6 +4,7 @@
 mod common;
 
 mod abuse;
+mod authoring;
 mod cli;
 mod consumers;
 mod deploy;

@@ -40,7 +40,7 @@ pub mod v1 {
 }
 
 /// Headers a guest never sees: they carry the client's credentials.
-const HIDDEN_HEADERS: [&str; 5] = [
+pub const HIDDEN_HEADERS: [&str; 5] = [
     "authorization",
     "proxy-authorization",
     "cookie",

@@ -15,6 +15,7 @@ pub use chain::{
     hex, load_policy, module_bytes, Chain, ChainEntry, Filtered, LoadedPolicy, PolicyRequest,
     PolicySpec, Route, Shadow, ShadowExample, ShadowStats, Target,
 };
+pub use guest::HIDDEN_HEADERS;
 pub use runtime::Runtime;
 
 /// How a policy call failed. Callers branch on it: the policy's `on_error`
