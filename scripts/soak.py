@@ -251,9 +251,10 @@ max_concurrent_requests = 16
             now = time.monotonic()
             if now >= next_kill:
                 victim = backends[victims[len(stats.kills) % 2]]
-                victim.kill()
+                # Noted before the kill: a stream it cuts may fail at once.
                 with stats.lock:
                     stats.kills.append(time.monotonic())
+                victim.kill()
                 print(f"  {now - t0:7.1f}s killed {victim.name}", flush=True)
                 stop.wait(a.down_for)
                 victim.start()
