@@ -3,7 +3,7 @@
 # bounded time, starting from its seed corpus in fuzz/corpus/TARGET/.
 #
 #   FUZZ_SECONDS   seconds per target (default 20)
-#   FUZZ_TARGETS   which targets, space-separated (default: all four)
+#   FUZZ_TARGETS   which targets, space-separated (default: all five)
 #   FUZZ_JOBS      parallel fuzzing processes per target (default 1)
 #
 # cargo-fuzz passes rustc flags that only nightly accepts (-Zsanitizer,
@@ -21,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 seconds="${FUZZ_SECONDS:-20}"
-targets="${FUZZ_TARGETS:-request_body sse_parser config stream_filter}"
+targets="${FUZZ_TARGETS:-request_body sse_parser config stream_filter decision}"
 jobs="${FUZZ_JOBS:-1}"
 
 # The host's build script compiles the bundled policies for wasm32-wasip2.

@@ -569,17 +569,34 @@ async fn run_request_phase(
         .await;
     metrics().policy_call(&policy.name, "request", started.elapsed());
     let (decision, idempotent) = decision?;
-    let invalid = |detail: String| invalid(policy, detail);
-    let verdict = match decision {
-        Decision::Route(targets) => {
-            Verdict::Route(resolve_targets(fleet, &request.head.model, targets).map_err(invalid)?)
-        }
-        Decision::Reject(spec) => Verdict::Reject(rejection(spec).map_err(invalid)?),
-        Decision::Pass { model, body } => {
-            Verdict::Pass(apply_edits(request, model, body).map_err(invalid)?)
-        }
-    };
+    let verdict = verdict(fleet, request, decision).map_err(|detail| invalid(policy, detail))?;
     Ok((verdict, idempotent))
+}
+
+/// What the host does with a guest's decision, or why it is invalid: the
+/// one place a decision from untrusted code is checked.
+fn verdict(fleet: &Fleet, request: &PolicyRequest, decision: Decision) -> Result<Verdict, String> {
+    Ok(match decision {
+        Decision::Route(targets) => {
+            Verdict::Route(resolve_targets(fleet, &request.head.model, targets)?)
+        }
+        Decision::Reject(spec) => Verdict::Reject(rejection(spec)?),
+        Decision::Pass { model, body } => Verdict::Pass(apply_edits(request, model, body)?),
+    })
+}
+
+/// Checks a decision as if a policy had returned it for `request`: the
+/// request body after its edits, or why it is invalid. For the fuzz target
+/// `decision`; requests go through the same check.
+pub fn check_decision(
+    fleet: &Fleet,
+    request: &PolicyRequest,
+    decision: Decision,
+) -> Result<Option<Bytes>, String> {
+    Ok(match verdict(fleet, request, decision)? {
+        Verdict::Pass(Some((_, body))) => Some(body),
+        Verdict::Pass(None) | Verdict::Route(_) | Verdict::Reject(_) => None,
+    })
 }
 
 fn resolve_targets(

@@ -12,8 +12,8 @@ use std::fmt;
 use std::sync::Arc;
 
 pub use chain::{
-    hex, load_policy, module_bytes, Chain, ChainEntry, Filtered, LoadedPolicy, PolicyRequest,
-    PolicySpec, Route, Shadow, ShadowExample, ShadowStats, Target,
+    check_decision, hex, load_policy, module_bytes, Chain, ChainEntry, Filtered, LoadedPolicy,
+    PolicyRequest, PolicySpec, Route, Shadow, ShadowExample, ShadowStats, Target,
 };
 pub use guest::HIDDEN_HEADERS;
 pub use runtime::Runtime;
