@@ -4,6 +4,7 @@
 //! the request ends — or the client goes away — the record goes to the
 //! usage store, the metrics and the access log, never blocking the request.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -119,8 +120,40 @@ impl Accounting {
         chunk["choices"].as_array().is_some_and(Vec::is_empty) && chunk["usage"].is_object()
     }
 
+    /// `on_chunk` for a chunk still in its JSON text: read through a typed
+    /// view that borrows the text instead of building a tree (most of the
+    /// cost of relaying a stream was that tree); a chunk of an unusual shape
+    /// takes the general path.
+    pub fn on_chunk_json(&mut self, data: &str) -> bool {
+        let Ok(peek) = serde_json::from_str::<Peek>(data) else {
+            return match serde_json::from_str::<Value>(data) {
+                Ok(chunk) => self.on_chunk(&chunk),
+                Err(_) => false,
+            };
+        };
+        for choice in peek.choices.iter().flatten() {
+            let text = choice.delta.as_ref().and_then(|d| d.content.as_deref());
+            let text = text.or(choice.text.as_deref()).unwrap_or("");
+            if !text.is_empty() {
+                self.first_token.get_or_insert_with(Instant::now);
+                self.keep_text(text);
+            }
+        }
+        self.note_peeked_usage(peek.usage.as_ref());
+        peek.choices.is_some_and(|c| c.is_empty()) && peek.usage.is_some()
+    }
+
     /// Looks at a whole (non-streamed) answer.
     pub fn on_answer(&mut self, answer: &[u8]) {
+        if let Ok(peek) = serde_json::from_slice::<Peek>(answer) {
+            for choice in peek.choices.iter().flatten() {
+                let text = choice.message.as_ref().and_then(|m| m.content.as_deref());
+                if let Some(text) = text.or(choice.text.as_deref()) {
+                    self.keep_text(text);
+                }
+            }
+            return self.note_peeked_usage(peek.usage.as_ref());
+        }
         let Ok(answer) = serde_json::from_slice::<Value>(answer) else {
             return;
         };
@@ -149,6 +182,16 @@ impl Accounting {
             usage["completion_tokens"].as_u64(),
         ) {
             self.reported = Some((prompt, completion.unwrap_or(0)));
+        }
+    }
+
+    fn note_peeked_usage(&mut self, usage: Option<&PeekUsage>) {
+        if let Some(PeekUsage {
+            prompt_tokens: Some(prompt),
+            completion_tokens,
+        }) = usage
+        {
+            self.reported = Some((*prompt, completion_tokens.unwrap_or(0)));
         }
     }
 
@@ -206,6 +249,40 @@ impl Accounting {
     }
 }
 
+/// The parts of a chunk or an answer the accounting reads; everything else
+/// is skipped without being built.
+#[derive(serde::Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow, default)]
+    choices: Option<Vec<PeekChoice<'a>>>,
+    #[serde(default)]
+    usage: Option<PeekUsage>,
+}
+
+#[derive(serde::Deserialize)]
+struct PeekChoice<'a> {
+    #[serde(borrow, default)]
+    delta: Option<PeekContent<'a>>,
+    #[serde(borrow, default)]
+    message: Option<PeekContent<'a>>,
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct PeekContent<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct PeekUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+}
+
 impl Drop for Accounting {
     fn drop(&mut self) {
         if !self.finished && self.record.status == 0 {
@@ -260,5 +337,59 @@ fn settle(
     }
     if let Some(store) = &ledger.store {
         store.record(record);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fresh() -> Accounting {
+        let ledger = Arc::new(Ledger {
+            store: None,
+            access_log: false,
+        });
+        Accounting::start(ledger, 1, "chat", "m", true, None, Bytes::new())
+    }
+
+    /// The typed view reads what the general path reads, whatever the shape.
+    #[test]
+    fn the_typed_view_agrees_with_the_general_path() {
+        let chunks = [
+            r#"{"choices":[{"index":0,"delta":{"content":"Hel\"lo"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":null},"text":"x"}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":[{"type":"text"}]}}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":7.5}}"#,
+            r#"{"choices":null,"usage":null}"#,
+            r#"{"choices":[{"text":"plain"}],"usage":{"completion_tokens":2}}"#,
+            r#"{"choices":[{"delta":{"content":"a"}}],"choices":[]}"#,
+            r#"[1,2]"#,
+            r#"not json"#,
+        ];
+        for chunk in chunks {
+            let (mut typed, mut general) = (fresh(), fresh());
+            let a = typed.on_chunk_json(chunk);
+            let b = serde_json::from_str::<Value>(chunk).is_ok_and(|v| general.on_chunk(&v));
+            assert_eq!(a, b, "{chunk}");
+            assert_eq!(typed.reported, general.reported, "{chunk}");
+            assert_eq!(typed.answer_text, general.answer_text, "{chunk}");
+            assert_eq!(
+                typed.first_token.is_some(),
+                general.first_token.is_some(),
+                "{chunk}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_whole_answer_is_read_through_the_typed_view() {
+        let mut acct = fresh();
+        acct.on_answer(
+            br#"{"choices":[{"message":{"role":"assistant","content":"Hi there"}}],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#,
+        );
+        assert_eq!(acct.reported, Some((5, 2)));
+        assert_eq!(acct.answer_text, "Hi there");
     }
 }

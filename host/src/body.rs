@@ -43,6 +43,8 @@ pub enum Body {
     Full(Option<Bytes>),
     /// Generated piece by piece; ends when the sender is dropped.
     Channel(tokio::sync::mpsc::Receiver<Bytes>),
+    /// A stream no response hook reads, relayed as it is polled.
+    Relay(Box<crate::relay::Relay>),
     Backend {
         /// The first frame, read before the client was answered.
         first: Option<Bytes>,
@@ -89,6 +91,7 @@ impl http_body::Body for Body {
         match self.get_mut() {
             Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Body::Channel(rx) => rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))),
+            Body::Relay(relay) => relay.poll_frame(cx).map(|f| f.map(Ok)),
             Body::Backend {
                 first,
                 inner,
@@ -131,6 +134,7 @@ impl http_body::Body for Body {
         match self {
             Body::Full(bytes) => bytes.is_none(),
             Body::Channel(_) => false,
+            Body::Relay(relay) => relay.is_end_stream(),
             Body::Backend {
                 first, inner, slot, ..
             } => slot.is_none() || (first.is_none() && inner.is_end_stream()),
@@ -141,7 +145,7 @@ impl http_body::Body for Body {
         match self {
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Body::Full(None) => SizeHint::with_exact(0),
-            Body::Channel(_) => SizeHint::default(),
+            Body::Channel(_) | Body::Relay(_) => SizeHint::default(),
             Body::Backend {
                 first: None, inner, ..
             } => inner.size_hint(),

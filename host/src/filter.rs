@@ -63,6 +63,10 @@ impl Filter {
             ..
         } = answer;
         parts.headers.remove(header::CONTENT_LENGTH);
+        if self.holdback.is_none() {
+            let relay = crate::relay::Relay::new(first, incoming, slot, acct, self.strip_usage);
+            return Response::from_parts(parts, Body::Relay(Box::new(relay)));
+        }
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             // Dropping the backend's body at the end (or on a stop) closes
@@ -110,16 +114,24 @@ impl Filter {
                 Ok(events) => events,
                 Err(e) => return self.fail(&mut state, &tx, &e.to_string()).await,
             };
+            // What one read completed leaves in one write.
+            let mut batch = Vec::new();
+            let mut stop = false;
             for event in events {
-                let (out, stop) = self.event(&mut state, event).await;
-                for piece in out {
-                    if tx.send(piece).await.is_err() {
-                        return;
-                    }
+                let (out, end) = self.event(&mut state, event).await;
+                batch.extend(out);
+                if end {
+                    stop = true;
+                    break;
                 }
-                if stop {
+            }
+            if let Some(bytes) = sse::concat(batch) {
+                if tx.send(bytes).await.is_err() {
                     return;
                 }
+            }
+            if stop {
+                return;
             }
         }
         let mut out = Vec::new();

@@ -28,6 +28,7 @@ pub mod openai;
 pub mod policy;
 pub mod proxy;
 pub mod recording;
+pub mod relay;
 pub mod reload;
 pub mod replay;
 pub mod request_body;

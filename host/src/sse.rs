@@ -113,6 +113,19 @@ pub fn event(payload: &str) -> Bytes {
 
 pub const DONE: &[u8] = b"data: [DONE]\n\n";
 
+/// Several events as one piece, so they leave in one write; a single one
+/// passes without a copy.
+pub fn concat(pieces: Vec<Bytes>) -> Option<Bytes> {
+    if pieces.len() <= 1 {
+        return pieces.into_iter().next();
+    }
+    let mut joined = BytesMut::with_capacity(pieces.iter().map(Bytes::len).sum());
+    for piece in &pieces {
+        joined.extend_from_slice(piece);
+    }
+    Some(joined.freeze())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

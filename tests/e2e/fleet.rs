@@ -402,6 +402,15 @@ async fn models_are_discovered_and_follow_the_backend() {
     assert_eq!(entry["models"], json!(["glm4-9b", "qwen2.5-1.5b"]));
 }
 
+/// Writes a whole new file in one step (as editors and config management
+/// do): the watcher polls, and could otherwise read a half-written file and
+/// refuse it for the wrong reason.
+fn replace_file(path: &std::path::Path, text: &str) {
+    let next = path.with_extension("toml.next");
+    std::fs::write(&next, text).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
+
 /// Editing the file adds a backend under load with no failed request; a
 /// broken file is refused naming the key and the running config stays;
 /// SIGHUP applies a changed limit at once.
@@ -426,7 +435,7 @@ async fn reload_adds_a_backend_under_load_and_refuses_a_bad_file() {
         "{two}{}",
         backend("vm03", &vm03.url(), &["m"], "max_concurrent_requests = 4")
     );
-    std::fs::write(&config_path, &three).unwrap();
+    replace_file(&config_path, &three);
     let start = Instant::now();
     while vm03.stats.requests.load(Ordering::Relaxed) < 20 {
         assert!(
@@ -437,14 +446,13 @@ async fn reload_adds_a_backend_under_load_and_refuses_a_bad_file() {
     }
     eprintln!("reload -> vm03 serving in {:?}", start.elapsed());
 
-    std::fs::write(
+    replace_file(
         &config_path,
-        three.replace(
+        &three.replace(
             "max_concurrent_requests = 4\n[[backends]]\nname = \"vm02\"",
             "max_concurrent_requests = \"lots\"\n[[backends]]\nname = \"vm02\"",
         ),
-    )
-    .unwrap();
+    );
     let start = Instant::now();
     while !sluice.log().contains("config reload refused") {
         assert!(
