@@ -152,9 +152,9 @@ pub struct PolicyRuntimeConfig {
 impl Default for PolicyRuntimeConfig {
     fn default() -> Self {
         PolicyRuntimeConfig {
-            // A policy needs tens of µs of CPU; the timeout is wall-clock, so
-            // it must absorb a saturated machine not running the guest at all
-            // (50 ms failed requests under load). Loops are throttled anyway.
+            // A policy needs tens of µs of CPU. Waits for a saturated
+            // executor are not charged to the guest, but ticks land on a busy
+            // machine late: keep a wide margin. Loops are throttled anyway.
             timeout: Duration::from_millis(250),
             memory_limit: 64 << 20,
             max_instances: 1000,

@@ -451,6 +451,45 @@ async fn looping_guests_do_not_stall_other_requests() {
     );
 }
 
+/// The timeout is charged for the guest's own running, not for the time a
+/// busy gateway keeps it waiting: a hundred guests each doing a few
+/// milliseconds of work at once all finish, though every one of them waits
+/// far longer than its timeout for its turns on the two threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_busy_executor_does_not_time_a_guest_out() {
+    let vm01 = mock("vm01", &["m"]).await;
+    let sluice = Sluice::start(&misbehaving(
+        &vm01.url(),
+        "fail-closed",
+        "[policy_runtime]\ntimeout = \"60ms\"\n",
+    ));
+    let client = client();
+    let calls = (0..100).map(|_| {
+        let (client, url) = (client.clone(), sluice.url("/v1/chat/completions"));
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let response = client
+                .post(url)
+                .header("x-misbehave", "work-3")
+                .json(&chat("m"))
+                .send()
+                .await
+                .unwrap();
+            (response.status(), started.elapsed())
+        })
+    });
+    let mut slowest = Duration::ZERO;
+    for call in futures_util::future::join_all(calls).await {
+        let (status, took) = call.unwrap();
+        assert_eq!(status, 200, "{}", sluice.log());
+        slowest = slowest.max(took);
+    }
+    eprintln!("slowest of 100 concurrent guests doing ~3 ms of work: {slowest:?}");
+    // The guests really queued for longer than their timeout: otherwise
+    // this test proves nothing.
+    assert!(slowest > Duration::from_millis(60), "{slowest:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trapping_response_filter_ends_the_stream_cleanly() {
     let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 5, 8)).await;

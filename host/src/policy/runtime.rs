@@ -7,7 +7,7 @@
 //! every epoch tick a long-running guest yields to the executor, so one bad
 //! guest never stalls other requests on its thread before its timeout.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,28 @@ const KEEP_RESIDENT: usize = 2 << 20;
 /// timeout cannot crowd out the microsecond calls of everyone else.
 const THROTTLE_AFTER: Duration = Duration::from_millis(2);
 const THROTTLE_PERIOD: Duration = Duration::from_millis(5);
+
+/// A call ends after this many timeouts of wall time, however much of it
+/// was spent waiting for the executor.
+const WALL_CAP: u32 = 20;
+
+/// When a yielded guest was polled again (nanoseconds after its call began;
+/// 0 until then).
+#[derive(Default)]
+struct Resumed(AtomicU64);
+
+impl Resumed {
+    fn mark(&self, started: Instant) {
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.0.store(nanos.max(1), Ordering::Relaxed);
+    }
+
+    /// The moment it resumed, as time since its call began; zero if it has
+    /// not yet.
+    fn at(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
+    }
+}
 
 /// Time `lifecycle.init` may take: it runs once, off the request path, and
 /// may build large tables.
@@ -143,25 +165,47 @@ impl Runtime {
 
     /// A store for one call: memory capped, and at every epoch tick the
     /// guest yields to the executor — throttled once it has overrun
-    /// [`THROTTLE_AFTER`] — until `timeout` (wall clock), then traps.
+    /// [`THROTTLE_AFTER`] — until `timeout`, then traps. The time a guest
+    /// spends queued after a yield, waiting for a busy executor to run it
+    /// again, is not charged to it: on a saturated core that wait, not the
+    /// guest, failed requests. [`WALL_CAP`] timeouts still end any call.
     fn store(&self, state: GuestState, timeout: Duration) -> Store<GuestState> {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);
         let started = Instant::now();
+        let mut queued = Duration::ZERO;
+        let mut last_yield: Option<(Instant, Duration, Arc<Resumed>)> = None;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |mut store| {
-            let elapsed = started.elapsed();
-            if elapsed >= timeout {
+            let now = Instant::now();
+            if let Some((yielded, pause, resumed)) = last_yield.take() {
+                let away = resumed.at().saturating_sub(yielded - started);
+                queued += away.saturating_sub(pause);
+            }
+            let wall = now - started;
+            let charged = wall.saturating_sub(queued);
+            if charged >= timeout || wall >= timeout * WALL_CAP {
                 store.data_mut().timed_out = true;
                 return Ok(UpdateDeadline::Interrupt);
             }
-            if elapsed < THROTTLE_AFTER {
-                return Ok(UpdateDeadline::Yield(1));
-            }
-            let pause = THROTTLE_PERIOD.saturating_sub(TICK).min(timeout - elapsed);
+            // Past THROTTLE_AFTER the pause is part of the guest's time.
+            let pause = if charged < THROTTLE_AFTER {
+                Duration::ZERO
+            } else {
+                THROTTLE_PERIOD.saturating_sub(TICK).min(timeout - charged)
+            };
+            let resumed = Arc::new(Resumed::default());
+            last_yield = Some((now, pause, resumed.clone()));
             Ok(UpdateDeadline::YieldCustom(
                 1,
-                Box::pin(tokio::time::sleep(pause)),
+                Box::pin(async move {
+                    if pause.is_zero() {
+                        tokio::task::yield_now().await;
+                    } else {
+                        tokio::time::sleep(pause).await;
+                    }
+                    resumed.mark(started);
+                }),
             ))
         });
         store

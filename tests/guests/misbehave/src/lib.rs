@@ -78,6 +78,10 @@ impl Policy for Misbehave {
             Some("bad-decision") => Decision::route_to("no-such-backend"),
             Some("huge-message") => Decision::reject(400, "huge", "x".repeat(2 << 20)),
             Some("many-targets") => many_targets(),
+            Some(work) if work.starts_with("work-") => {
+                busy(work["work-".len()..].parse().unwrap_or(1));
+                Decision::pass()
+            }
             Some("host-loop") => loop {
                 black_box(fleet::backends());
             },
@@ -106,6 +110,17 @@ impl Policy for Misbehave {
 
 /// Loops forever; `black_box` keeps the optimiser from proving the loop
 /// does nothing and removing it.
+/// A fixed amount of work — `units` of 100,000 steps, about a millisecond
+/// each here — however long the host takes to run it.
+fn busy(units: u64) {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..units * 100_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x = black_box(x ^ (x << 17));
+    }
+}
+
 fn spin() -> ! {
     let mut turns: u64 = 0;
     loop {
