@@ -241,8 +241,9 @@ def test_real_load_spreads_over_both(real):
 
 
 def test_real_kill_one_server_mid_run(gguf, tmp_path):
-    """SIGKILL llama-b while requests are running and queued: every request
-    still gets its answer (from llama-a), none is lost."""
+    """SIGKILL llama-b while requests are running and queued, after it has
+    answered at least once: every request still gets its answer (from
+    llama-a), none is lost."""
     a, b = start_llamas(gguf, tmp_path)
     gw = None
     try:
@@ -260,10 +261,16 @@ def test_real_kill_one_server_mid_run(gguf, tmp_path):
             return raw.headers["x-sluice-backend"]
 
         def killer():
-            # After two answers, and while llama-b has a request in flight
-            # (the gateway's gauge says so): kill it.
-            wait_until(lambda: len(done) >= 2 and in_flight(gw, "llama-b") >= 1, 120, interval=0.02,
-                       what="llama-b busy after two answers")
+            # Once llama-b has answered (the first two answers may both come
+            # from llama-a) and while it has a request in flight (the
+            # gateway's gauge says so): kill it.
+            def b_answered_and_busy():
+                with lock:
+                    answered = any(backend == "llama-b" for _, backend in done)
+                return answered and in_flight(gw, "llama-b") >= 1
+
+            wait_until(b_answered_and_busy, 120, interval=0.02,
+                       what="llama-b busy after answering once")
             b.kill()
             killed.set()
 
