@@ -515,6 +515,8 @@ def check_case(case: str, values: dict, configs: list[tuple[str, str]]) -> None:
         f"redis://{RELEASE}-redis-master.{NAMESPACE}.svc:6379/0" if values.get("redis", {}).get("enabled") else None)
     check(f"{label}: limits.redis_url is {want_redis or 'unset'}", cfg.get("limits", {}).get("redis_url") == want_redis,
           str(cfg.get("limits")))
+    check(f"{label}: usage.redis_url is {want_redis or 'unset'} (usage shared by the pods)",
+          cfg.get("usage", {}).get("redis_url") == want_redis, str(cfg.get("usage")))
 
     # The image: by digest when one is given.
     img = values.get("image", {})

@@ -105,11 +105,15 @@ impl Admin {
                         message: "Usage records are not kept (usage.disabled).".into(),
                     });
                 };
+                let replica = store.replica().to_string();
                 let rows = tokio::task::spawn_blocking(move || store.query(&query))
                     .await
                     .map_err(|e| internal(e.to_string()))?
                     .map_err(|e| internal(format!("{e:#}")))?;
-                json(StatusCode::OK, &serde_json::json!({"rows": rows}))
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({"rows": rows, "replica": replica}),
+                )
             }
             (&Method::GET, ["admin", "fleet"]) => json(
                 StatusCode::OK,

@@ -174,6 +174,20 @@ pub struct UsageConfig {
     pub disabled: bool,
     /// One structured log line per request (never the prompt text).
     pub access_log: bool,
+    /// Share records with the other replicas through this Redis, so that
+    /// each replica's database (and `/admin/usage`) holds the whole fleet's.
+    pub redis_url: Option<String>,
+    /// The Redis stream the replicas of one fleet share.
+    pub redis_key: String,
+    /// The stream is trimmed to about this many records: a replica away for
+    /// longer than they last misses the trimmed ones (and logs it).
+    pub redis_max_records: u64,
+    /// How often records are shipped to and copied from Redis.
+    #[serde(deserialize_with = "de_duration")]
+    pub sync_interval: Duration,
+    /// This replica's name in the records (`group_by=replica`). Default: the
+    /// one saved in the database, first made from `HOSTNAME`.
+    pub replica: Option<String>,
 }
 
 impl Default for UsageConfig {
@@ -182,6 +196,12 @@ impl Default for UsageConfig {
             database: None,
             disabled: false,
             access_log: true,
+            redis_url: None,
+            redis_key: "sluice:usage".into(),
+            // ~1M records are a few hundred MiB in Redis: days of a busy fleet.
+            redis_max_records: 1_000_000,
+            sync_interval: Duration::from_secs(1),
+            replica: None,
         }
     }
 }
@@ -604,6 +624,7 @@ impl Config {
             }
         }
         self.validate_consumers()?;
+        self.validate_usage()?;
         let hc = &self.health_check;
         check_path(&hc.path).map_err(|m| invalid("health_check.path", m))?;
         if hc.interval < Duration::from_millis(10) {
@@ -668,6 +689,45 @@ impl Config {
             }
             if !p.config.is_object() {
                 return Err(invalid(key("config"), "must be a table"));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_usage(&self) -> Result<(), ConfigError> {
+        let usage = &self.usage;
+        if let Some(url) = &usage.redis_url {
+            if !url.starts_with("redis://") {
+                return Err(invalid(
+                    "usage.redis_url",
+                    format!("`{url}` must start with redis://"),
+                ));
+            }
+            if usage.disabled {
+                return Err(invalid(
+                    "usage.redis_url",
+                    "shares usage records, but usage.disabled keeps none",
+                ));
+            }
+        }
+        if usage.redis_key.is_empty() {
+            return Err(invalid("usage.redis_key", "must not be empty"));
+        }
+        if usage.redis_max_records < 1000 {
+            return Err(invalid(
+                "usage.redis_max_records",
+                "must be at least 1000 (replicas copy records in batches of 500)",
+            ));
+        }
+        if usage.sync_interval.is_zero() {
+            return Err(invalid("usage.sync_interval", "must be greater than 0"));
+        }
+        if let Some(name) = &usage.replica {
+            if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+                return Err(invalid(
+                    "usage.replica",
+                    "must be 1 to 128 printable characters",
+                ));
             }
         }
         Ok(())
@@ -856,6 +916,30 @@ mod tests {
             e.contains("policies[0].module") && e.contains("model-router"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn usage_sharing_is_checked() {
+        for (extra, key) in [
+            ("[usage]\nredis_url = \"http://x:6379\"", "usage.redis_url"),
+            (
+                "[usage]\ndisabled = true\nredis_url = \"redis://x:6379/0\"",
+                "usage.redis_url",
+            ),
+            ("[usage]\nredis_max_records = 10", "usage.redis_max_records"),
+            ("[usage]\nsync_interval = \"0s\"", "usage.sync_interval"),
+            ("[usage]\nreplica = \"\"", "usage.replica"),
+            ("[usage]\nredis_key = \"\"", "usage.redis_key"),
+        ] {
+            let e = error_of(extra);
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+        let c = Config::parse(&format!(
+            "{MINIMAL}\n[usage]\nredis_url = \"redis://127.0.0.1:6379/0\"\nreplica = \"gw-1\""
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.usage.sync_interval, Duration::from_secs(1));
     }
 
     #[test]

@@ -39,3 +39,4 @@ pub mod stats;
 pub mod tokens;
 pub mod upstream_error;
 pub mod usage;
+pub mod usage_sync;

@@ -73,6 +73,9 @@ pub struct Metrics {
     in_flight: Family<BackendLabels, Gauge>,
     healthy: Family<BackendLabels, Gauge>,
     limit_store_errors: Counter,
+    usage_sync_errors: Counter,
+    usage_shipped: Counter,
+    usage_copied: Counter,
     refusals: Family<RefusalLabels, Counter>,
 }
 
@@ -154,6 +157,23 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Calls to the limits' counter store (Redis) that failed or timed out",
         limit_store_errors.clone(),
     );
+    let (usage_sync_errors, usage_shipped, usage_copied) =
+        (Counter::default(), Counter::default(), Counter::default());
+    registry.register(
+        "sluice_usage_sync_errors",
+        "Rounds of sharing usage records through Redis that failed (retried next round)",
+        usage_sync_errors.clone(),
+    );
+    registry.register(
+        "sluice_usage_records_shipped",
+        "This replica's usage records shipped to the shared Redis stream",
+        usage_shipped.clone(),
+    );
+    registry.register(
+        "sluice_usage_records_copied",
+        "Other replicas' usage records copied from Redis into this replica's database",
+        usage_copied.clone(),
+    );
     let refusals = Family::<RefusalLabels, Counter>::default();
     registry.register(
         "sluice_consumer_refusals",
@@ -163,6 +183,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     Metrics {
         registry,
         limit_store_errors,
+        usage_sync_errors,
+        usage_shipped,
+        usage_copied,
         refusals,
         policy_seconds,
         policy_failures,
@@ -192,6 +215,18 @@ impl Metrics {
 
     pub fn limit_store_error(&self) {
         self.limit_store_errors.inc();
+    }
+
+    pub fn usage_sync_error(&self) {
+        self.usage_sync_errors.inc();
+    }
+
+    pub fn usage_records_shipped(&self, n: u64) {
+        self.usage_shipped.inc_by(n);
+    }
+
+    pub fn usage_records_copied(&self, n: u64) {
+        self.usage_copied.inc_by(n);
     }
 
     /// A request refused for its credentials or its consumer's limits;

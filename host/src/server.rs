@@ -75,10 +75,7 @@ impl Gateway {
         );
         let chain = deployer.chain().clone();
         let store = match (&config.usage.database, config.usage.disabled) {
-            (Some(path), false) => Some(
-                UsageStore::open(path, WriterOptions::default())
-                    .with_context(|| format!("usage.database: opening {}", path.display()))?,
-            ),
+            (Some(path), false) => Some(open_usage(path, &config.usage)?),
             _ => None,
         };
         tokio::task::spawn_blocking(crate::tokens::warm_up);
@@ -440,4 +437,32 @@ where
         tracing::warn!("drain timeout reached; closing remaining connections");
     }
     Ok(())
+}
+
+/// The usage database, shared with the other replicas when
+/// `usage.redis_url` is set.
+fn open_usage(
+    path: &std::path::Path,
+    config: &crate::config::UsageConfig,
+) -> anyhow::Result<UsageStore> {
+    let options = WriterOptions {
+        replica: config.replica.clone(),
+        ..WriterOptions::default()
+    };
+    let store = UsageStore::open(path, options)
+        .with_context(|| format!("usage.database: opening {}", path.display()))?;
+    if let Some(url) = &config.redis_url {
+        store.share(crate::usage_sync::SyncOptions {
+            redis_url: url.clone(),
+            key: config.redis_key.clone(),
+            interval: config.sync_interval,
+            max_records: config.redis_max_records,
+            timeout: Duration::from_secs(2),
+        })?;
+        tracing::info!(
+            replica = store.replica(),
+            "usage records shared through Redis"
+        );
+    }
+    Ok(store)
 }

@@ -7,6 +7,10 @@
 //! writer batches records into one transaction each, because a transaction
 //! per request costs far more than its insert. Reads ([`UsageStore::query`]) use
 //! their own connection; WAL mode lets them run while the writer commits.
+//!
+//! Every record carries the name of the replica that wrote it, so that
+//! replicas sharing their records ([`crate::usage_sync`]) can hold the whole
+//! fleet's usage in each database without counting a record twice.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,7 +24,7 @@ use anyhow::Context as _;
 use rusqlite::{params, Connection, OpenFlags};
 
 /// One request's usage, as the gateway records it when the request ends.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct UsageRecord {
     /// Unix milliseconds when the request arrived.
     pub at_ms: i64,
@@ -58,6 +62,10 @@ pub struct WriterOptions {
     /// After the first record of a batch arrives, how long the writer waits
     /// for more before it commits. Bounds how stale the database can be.
     pub flush_interval: Duration,
+    /// The name this store's own records carry. `None`: the name kept in
+    /// the database, or a new one (`HOSTNAME-xxxxxxxx`) saved there, so a
+    /// restarted replica keeps its name.
+    pub replica: Option<String>,
 }
 
 impl Default for WriterOptions {
@@ -68,6 +76,7 @@ impl Default for WriterOptions {
             queue: 16_384,
             batch: 512,
             flush_interval: Duration::from_millis(200),
+            replica: None,
         }
     }
 }
@@ -80,6 +89,7 @@ pub enum GroupBy {
     Model,
     Backend,
     Day,
+    Replica,
 }
 
 impl GroupBy {
@@ -90,6 +100,7 @@ impl GroupBy {
             GroupBy::Model => "model",
             GroupBy::Backend => "backend",
             GroupBy::Day => "day",
+            GroupBy::Replica => "replica",
         }
     }
 
@@ -101,6 +112,7 @@ impl GroupBy {
             GroupBy::Model => "model_requested",
             GroupBy::Backend => "backend",
             GroupBy::Day => "date(at_ms / 1000, 'unixepoch')",
+            GroupBy::Replica => "replica",
         }
     }
 }
@@ -115,9 +127,10 @@ pub fn parse_group_by(text: &str) -> Result<Vec<GroupBy>, String> {
             "model" => GroupBy::Model,
             "backend" => GroupBy::Backend,
             "day" => GroupBy::Day,
+            "replica" => GroupBy::Replica,
             _ => {
                 return Err(format!(
-                    "unknown group_by `{word}`; expected consumer, model, backend or day"
+                    "unknown group_by `{word}`; expected consumer, model, backend, day or replica"
                 ))
             }
         };
@@ -142,7 +155,7 @@ pub struct UsageQuery {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct UsageRow {
     /// One entry per group key (`"consumer"`, `"model"`, `"backend"`,
-    /// `"day"`); `None` where the records had no value.
+    /// `"day"`, `"replica"`); `None` where the records had no value.
     pub group: BTreeMap<String, Option<String>>,
     pub requests: u64,
     /// Requests answered with status >= 400.
@@ -183,6 +196,9 @@ impl std::fmt::Debug for UsageStore {
 
 struct Inner {
     path: PathBuf,
+    replica: String,
+    /// Sharing with other replicas, once [`UsageStore::share`] started it.
+    sync: Mutex<Option<crate::usage_sync::Syncer>>,
     /// `None` once shutdown began. Dropping the only sender is how the
     /// writer learns to finish: it drains what is queued, then sees the
     /// channel disconnected. The lock is only written once, at shutdown.
@@ -230,19 +246,39 @@ CREATE TABLE IF NOT EXISTS usage (
     fell_back         INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS usage_at_ms ON usage (at_ms);
+CREATE TABLE IF NOT EXISTS usage_meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 ";
 
-const INSERT: &str = "
-INSERT INTO usage (
+/// Added after the first release: databases made before it get the column
+/// (their rows become this replica's) and the index on open.
+const REPLICA_COLUMN: &str = "ALTER TABLE usage ADD COLUMN replica TEXT";
+/// A record is one replica's request: the same record arriving twice (a
+/// retried shipment) is stored once.
+const ORIGIN_INDEX: &str =
+    "CREATE UNIQUE INDEX IF NOT EXISTS usage_origin ON usage (replica, request_id, at_ms)";
+
+/// The record columns, in [`UsageRecord`]'s order, for SELECTs that read
+/// records back with [`record_from_row`].
+pub(crate) const RECORD_COLUMNS: &str = "at_ms, request_id, consumer, endpoint, model_requested, \
+    model_answered, backend, status, stream, prompt_tokens, completion_tokens, estimated, \
+    ttft_ms, latency_ms, tokens_per_second, filtered, fell_back";
+
+/// `OR IGNORE`: only the origin index can refuse a row, and only for a
+/// record already stored.
+pub(crate) const INSERT: &str = "
+INSERT OR IGNORE INTO usage (
     at_ms, request_id, consumer, endpoint, model_requested, model_answered,
     backend, status, stream, prompt_tokens, completion_tokens, estimated,
-    ttft_ms, latency_ms, tokens_per_second, filtered, fell_back
-) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+    ttft_ms, latency_ms, tokens_per_second, filtered, fell_back, replica
+) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
 ";
 
 /// How long a connection waits for a lock held by another connection (an
 /// operator's `sqlite3` shell, a long read) before the statement fails.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl UsageStore {
     /// Opens (creating if needed) the database at `path`, creates the schema
@@ -265,6 +301,8 @@ impl UsageStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)
             .with_context(|| format!("creating the usage schema in {}", path.display()))?;
+        let replica = prepare_replica(&conn, options.replica.as_deref())
+            .with_context(|| format!("naming this replica in {}", path.display()))?;
 
         let (sender, receiver) = mpsc::sync_channel(options.queue.max(1));
         let (finished_tx, finished) = mpsc::channel::<()>();
@@ -272,18 +310,27 @@ impl UsageStore {
         let batch = options.batch.max(1);
         let flush_interval = options.flush_interval;
         let thread_counters = counters.clone();
+        let thread_replica = replica.clone();
         let handle = std::thread::Builder::new()
             .name("sluice-usage".into())
             .spawn(move || {
                 // Dropped when this thread ends, however it ends.
                 let _finished = finished_tx;
-                write_loop(conn, receiver, batch, flush_interval, &thread_counters);
+                write_loop(
+                    conn,
+                    receiver,
+                    (batch, flush_interval),
+                    &thread_replica,
+                    &thread_counters,
+                );
             })
             .context("starting the usage writer thread")?;
 
         Ok(UsageStore {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
+                replica,
+                sync: Mutex::new(None),
                 sender: RwLock::new(Some(sender)),
                 dropped: AtomicU64::new(0),
                 counters,
@@ -297,6 +344,26 @@ impl UsageStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// The name this store's own records carry.
+    pub fn replica(&self) -> &str {
+        &self.inner.replica
+    }
+
+    /// Starts sharing records with the other replicas that use the same
+    /// Redis: this store's records are shipped there and theirs are copied
+    /// here, so [`UsageStore::query`] on any replica totals the fleet.
+    pub fn share(&self, options: crate::usage_sync::SyncOptions) -> anyhow::Result<()> {
+        let syncer =
+            crate::usage_sync::Syncer::start(&self.inner.path, &self.inner.replica, options)?;
+        let mut sync = self
+            .inner
+            .sync
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *sync = Some(syncer);
+        Ok(())
     }
 
     /// Queues one record for the writer. Never blocks: if the queue is full,
@@ -399,6 +466,18 @@ impl UsageStore {
                     }
                 }
             }
+        }
+        drop(writer);
+        // Everything is committed: one last shipment, so the other replicas
+        // see this one's last records.
+        let syncer = self
+            .inner
+            .sync
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(syncer) = syncer {
+            syncer.stop(timeout);
         }
         self.failed() == 0
     }
@@ -511,11 +590,13 @@ fn from_sql_count(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
+/// `(batch_max, flush_interval)`: at most this many records per
+/// transaction, waiting at most this long for more after the first.
 fn write_loop(
     mut conn: Connection,
     receiver: Receiver<UsageRecord>,
-    batch_max: usize,
-    flush_interval: Duration,
+    (batch_max, flush_interval): (usize, Duration),
+    replica: &str,
     counters: &WriterCounters,
 ) {
     let mut batch = Vec::with_capacity(batch_max);
@@ -535,7 +616,7 @@ fn write_loop(
                 }
             }
         }
-        match write_batch(&mut conn, &batch) {
+        match write_batch(&mut conn, &batch, replica) {
             Ok(()) => {
                 counters
                     .written
@@ -559,36 +640,138 @@ fn write_loop(
     }
 }
 
-fn write_batch(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> {
+fn write_batch(
+    conn: &mut Connection,
+    batch: &[UsageRecord],
+    replica: &str,
+) -> rusqlite::Result<()> {
     // IMMEDIATE takes the write lock up front, waiting (busy timeout) for
     // another writer, rather than failing mid-transaction on an upgrade.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
         let mut insert = tx.prepare_cached(INSERT)?;
         for r in batch {
-            insert.execute(params![
-                r.at_ms,
-                // Bit-for-bit, so ids above i64::MAX survive the round trip.
-                r.request_id as i64,
-                r.consumer,
-                r.endpoint,
-                r.model_requested,
-                r.model_answered,
-                r.backend,
-                r.status,
-                r.stream,
-                to_sql_count(r.prompt_tokens),
-                to_sql_count(r.completion_tokens),
-                r.estimated,
-                r.ttft_ms,
-                r.latency_ms,
-                r.tokens_per_second,
-                r.filtered,
-                r.fell_back,
-            ])?;
+            insert_record(&mut insert, r, replica)?;
         }
     }
     tx.commit()
+}
+
+/// Inserts one record as `replica`'s; false when it was already stored.
+pub(crate) fn insert_record(
+    insert: &mut rusqlite::CachedStatement<'_>,
+    r: &UsageRecord,
+    replica: &str,
+) -> rusqlite::Result<bool> {
+    let added = insert.execute(params![
+        r.at_ms,
+        // Bit-for-bit, so ids above i64::MAX survive the round trip.
+        r.request_id as i64,
+        r.consumer,
+        r.endpoint,
+        r.model_requested,
+        r.model_answered,
+        r.backend,
+        r.status,
+        r.stream,
+        to_sql_count(r.prompt_tokens),
+        to_sql_count(r.completion_tokens),
+        r.estimated,
+        r.ttft_ms,
+        r.latency_ms,
+        r.tokens_per_second,
+        r.filtered,
+        r.fell_back,
+        replica,
+    ])?;
+    Ok(added == 1)
+}
+
+/// Reads a record from a row selected with [`RECORD_COLUMNS`] starting at
+/// column `at`.
+pub(crate) fn record_from_row(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<UsageRecord> {
+    Ok(UsageRecord {
+        at_ms: row.get(at)?,
+        request_id: row.get::<_, i64>(at + 1)? as u64,
+        consumer: row.get(at + 2)?,
+        endpoint: row.get(at + 3)?,
+        model_requested: row.get(at + 4)?,
+        model_answered: row.get(at + 5)?,
+        backend: row.get(at + 6)?,
+        status: row.get(at + 7)?,
+        stream: row.get(at + 8)?,
+        prompt_tokens: from_sql_count(row.get(at + 9)?),
+        completion_tokens: from_sql_count(row.get(at + 10)?),
+        estimated: row.get(at + 11)?,
+        ttft_ms: row.get(at + 12)?,
+        latency_ms: row.get(at + 13)?,
+        tokens_per_second: row.get(at + 14)?,
+        filtered: row.get(at + 15)?,
+        fell_back: row.get(at + 16)?,
+    })
+}
+
+/// A value kept in the database's `usage_meta` table.
+pub(crate) fn meta_get(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+    use rusqlite::OptionalExtension as _;
+    conn.query_row(
+        "SELECT value FROM usage_meta WHERE key = ?1",
+        [key],
+        |row| row.get(0),
+    )
+    .optional()
+}
+
+pub(crate) fn meta_set(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO usage_meta (key, value) VALUES (?1, ?2) \
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [key, value],
+    )?;
+    Ok(())
+}
+
+/// Brings an older database up to the replica-aware schema and returns this
+/// replica's name: `configured`, else the one saved, else a new one (saved).
+fn prepare_replica(conn: &Connection, configured: Option<&str>) -> rusqlite::Result<String> {
+    let replica = match (configured, meta_get(conn, "replica")?) {
+        (Some(name), _) => name.to_string(),
+        (None, Some(saved)) => saved,
+        (None, None) => new_replica_name(),
+    };
+    meta_set(conn, "replica", &replica)?;
+    let has_column = conn
+        .prepare("SELECT 1 FROM pragma_table_info('usage') WHERE name = 'replica'")?
+        .exists([])?;
+    if !has_column {
+        conn.execute_batch(REPLICA_COLUMN)?;
+    }
+    // Rows from before the column (or an interrupted upgrade) are ours.
+    conn.execute(
+        "UPDATE usage SET replica = ?1 WHERE replica IS NULL",
+        [&replica],
+    )?;
+    conn.execute_batch(ORIGIN_INDEX)?;
+    Ok(replica)
+}
+
+/// `HOSTNAME-xxxxxxxx`: readable in a pod (HOSTNAME is the pod's name),
+/// unique among replicas that share a host name.
+fn new_replica_name() -> String {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    hasher.write_u32(std::process::id());
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "sluice".into());
+    format!("{host}-{:08x}", hasher.finish() as u32)
 }
 
 #[cfg(test)]
@@ -655,35 +838,12 @@ mod tests {
     fn read_all(path: &Path) -> Vec<UsageRecord> {
         let conn = Connection::open(path).expect("open");
         let mut statement = conn
-            .prepare(
-                "SELECT at_ms, request_id, consumer, endpoint, model_requested, model_answered,
-                        backend, status, stream, prompt_tokens, completion_tokens, estimated,
-                        ttft_ms, latency_ms, tokens_per_second, filtered, fell_back
-                 FROM usage ORDER BY rowid",
-            )
+            .prepare(&format!(
+                "SELECT {RECORD_COLUMNS} FROM usage ORDER BY rowid"
+            ))
             .expect("prepare");
         let rows = statement
-            .query_map([], |row| {
-                Ok(UsageRecord {
-                    at_ms: row.get(0)?,
-                    request_id: row.get::<_, i64>(1)? as u64,
-                    consumer: row.get(2)?,
-                    endpoint: row.get(3)?,
-                    model_requested: row.get(4)?,
-                    model_answered: row.get(5)?,
-                    backend: row.get(6)?,
-                    status: row.get(7)?,
-                    stream: row.get(8)?,
-                    prompt_tokens: row.get::<_, i64>(9)? as u64,
-                    completion_tokens: row.get::<_, i64>(10)? as u64,
-                    estimated: row.get(11)?,
-                    ttft_ms: row.get(12)?,
-                    latency_ms: row.get(13)?,
-                    tokens_per_second: row.get(14)?,
-                    filtered: row.get(15)?,
-                    fell_back: row.get(16)?,
-                })
-            })
+            .query_map([], |row| record_from_row(row, 0))
             .expect("query");
         rows.collect::<Result<_, _>>().expect("rows")
     }
@@ -934,6 +1094,7 @@ mod tests {
                 queue: 4,
                 batch: 2,
                 flush_interval: Duration::from_millis(1),
+                replica: None,
             },
         )
         .expect("open");
@@ -1024,6 +1185,61 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_keeps_its_name_and_an_old_database_becomes_its_own() {
+        let dir = TempDir::new("upgrade");
+        // A database as the first release wrote it: no replica column.
+        {
+            let conn = Connection::open(dir.db()).expect("open");
+            conn.execute_batch(
+                "CREATE TABLE usage (at_ms INTEGER NOT NULL, request_id INTEGER NOT NULL,
+                 consumer TEXT, endpoint TEXT NOT NULL, model_requested TEXT NOT NULL,
+                 model_answered TEXT, backend TEXT, status INTEGER NOT NULL,
+                 stream INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
+                 completion_tokens INTEGER NOT NULL, estimated INTEGER NOT NULL,
+                 ttft_ms REAL, latency_ms REAL NOT NULL, tokens_per_second REAL,
+                 filtered INTEGER NOT NULL, fell_back INTEGER NOT NULL);
+                 INSERT INTO usage VALUES (1000, 1, 'a', 'chat.completions', 'm', 'm', 'b',
+                 200, 0, 10, 5, 0, NULL, 100.0, NULL, 0, 0);",
+            )
+            .expect("old schema");
+        }
+        let store = UsageStore::open(&dir.db(), fast()).expect("open");
+        let name = store.replica().to_string();
+        assert!(name.len() > 9, "{name}");
+        store.record(record(2_000, 1, Some("a"), "m"));
+        assert!(store.shutdown(Duration::from_secs(10)));
+        let by_replica = store
+            .query(&UsageQuery {
+                group_by: vec![GroupBy::Replica],
+                ..UsageQuery::default()
+            })
+            .expect("query");
+        assert_eq!(by_replica.len(), 1, "{by_replica:?}");
+        assert_eq!(
+            by_replica[0].group["replica"].as_deref(),
+            Some(name.as_str())
+        );
+        assert_eq!(by_replica[0].requests, 2);
+        // Reopened: the same name; configured: that name from then on.
+        let again = UsageStore::open(&dir.db(), fast()).expect("reopen");
+        assert_eq!(again.replica(), name);
+        assert!(again.shutdown(Duration::from_secs(10)));
+        let named = WriterOptions {
+            replica: Some("gw-1".into()),
+            ..fast()
+        };
+        let renamed = UsageStore::open(&dir.db(), named).expect("reopen");
+        assert_eq!(renamed.replica(), "gw-1");
+        assert!(renamed.shutdown(Duration::from_secs(10)));
+        assert_eq!(
+            UsageStore::open(&dir.db(), fast())
+                .expect("reopen")
+                .replica(),
+            "gw-1"
+        );
+    }
+
+    #[test]
     fn store_is_shareable() {
         fn assert_shareable<T: Clone + Send + Sync + 'static>() {}
         assert_shareable::<UsageStore>();
@@ -1032,12 +1248,13 @@ mod tests {
     #[test]
     fn parses_group_by() {
         assert_eq!(
-            parse_group_by("consumer, day,model,backend,day"),
+            parse_group_by("consumer, day,model,backend,day,replica"),
             Ok(vec![
                 GroupBy::Consumer,
                 GroupBy::Day,
                 GroupBy::Model,
-                GroupBy::Backend
+                GroupBy::Backend,
+                GroupBy::Replica
             ])
         );
         assert_eq!(parse_group_by(""), Ok(vec![]));

@@ -14,7 +14,13 @@ use crate::deploy::{config_query, deploy, module, pinned, served_by};
 /// Three replicas sharing `state` and `redis`, routing with the pinning
 /// test guest (default vm01).
 fn three(state: &TempDir, redis: &Redis, vm01: &str, vm02: &str, extra: &str) -> Vec<Sluice> {
-    let config = format!(
+    let config = replica_config(state, redis, vm01, vm02, extra);
+    (0..3).map(|_| Sluice::start(&config)).collect()
+}
+
+/// One replica's config, as [`three`] starts them.
+fn replica_config(state: &TempDir, redis: &Redis, vm01: &str, vm02: &str, extra: &str) -> String {
+    format!(
         "[server]\nunready_delay = \"500ms\"\nshutdown_timeout = \"20s\"\n\
          [policy_store]\nstate_dir = {:?}\nsync_interval = \"200ms\"\n\
          [limits]\nredis_url = {:?}\n{extra}{}{}",
@@ -22,8 +28,7 @@ fn three(state: &TempDir, redis: &Redis, vm01: &str, vm02: &str, extra: &str) ->
         redis.url(),
         consumer("team", "sk-team", "requests_per_minute = 100000"),
         pinned(vm01, vm02, "vm01"),
-    );
-    (0..3).map(|_| Sluice::start(&config)).collect()
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,5 +143,159 @@ async fn sigterm_drains_streams_while_the_other_replicas_serve() {
     );
     for r in &replicas[1..] {
         assert_eq!(served_by(&client, r).await, "vm01");
+    }
+}
+
+/// Usage written on every replica is totalled on each, through one Redis:
+/// `/admin/usage` on any replica counts the fleet's requests exactly once,
+/// and a Redis outage only delays the records of the requests it served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_from_every_replica_is_totalled_on_each() {
+    let vm01 = mock("vm01", &["m"]).await;
+    let vm02 = mock("vm02", &["m"]).await;
+    let (state, mut redis) = (TempDir::new(), Redis::start());
+    let usage = format!(
+        "[usage]\nredis_url = {:?}\nsync_interval = \"100ms\"\n",
+        redis.url()
+    );
+    let replicas = three(&state, &redis, &vm01.url(), &vm02.url(), &usage);
+    let client = client();
+    let chat_on = |r: usize| {
+        let request = client
+            .post(replicas[r].url("/v1/chat/completions"))
+            .bearer_auth("sk-team")
+            .json(&chat("m"));
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+        }
+    };
+    for (r, n) in [(0, 2), (1, 3), (2, 4)] {
+        for _ in 0..n {
+            chat_on(r).await;
+        }
+    }
+    let totals = |expected: u64| {
+        let client = client.clone();
+        let urls: Vec<String> = replicas
+            .iter()
+            .map(|r| r.admin_url("/admin/usage?group_by=replica"))
+            .collect();
+        async move {
+            let started = Instant::now();
+            for url in urls {
+                loop {
+                    let rows = get_json(&client, &url).await;
+                    let rows = rows["rows"].as_array().unwrap().clone();
+                    let total: u64 = rows.iter().map(|r| r["requests"].as_u64().unwrap()).sum();
+                    if total == expected {
+                        break;
+                    }
+                    assert!(
+                        total < expected,
+                        "a record was counted twice on {url}: {rows:?}"
+                    );
+                    assert!(
+                        started.elapsed() < Duration::from_secs(10),
+                        "{url} totals {total} of {expected} requests 10 s on: {rows:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            started.elapsed()
+        }
+    };
+    let took = totals(9).await;
+    eprintln!("9 requests on three replicas -> totalled on each within {took:?}");
+    let by_replica = get_json(
+        &client,
+        &replicas[1].admin_url("/admin/usage?group_by=replica"),
+    )
+    .await;
+    let mut counts: Vec<u64> = by_replica["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["requests"].as_u64().unwrap())
+        .collect();
+    counts.sort_unstable();
+    assert_eq!(counts, [2, 3, 4], "{by_replica}");
+    let by_consumer = get_json(
+        &client,
+        &replicas[2].admin_url("/admin/usage?group_by=consumer"),
+    )
+    .await;
+    assert_eq!(
+        by_consumer["rows"][0]["group"]["consumer"], "team",
+        "{by_consumer}"
+    );
+    assert_eq!(by_consumer["rows"][0]["requests"], 9, "{by_consumer}");
+    assert!(by_replica["replica"].is_string(), "{by_replica}");
+
+    // Redis goes away (and comes back empty): requests are still served
+    // (limits fail open), and their records reach every replica after.
+    let port = redis
+        .url()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches("/0")
+        .parse()
+        .unwrap();
+    let _ = redis.child.kill();
+    let _ = redis.child.wait();
+    for r in [0, 1, 1, 2] {
+        chat_on(r).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _redis = Redis::start_on(port);
+    let took = totals(13).await;
+    eprintln!("Redis restarted -> the 4 requests it missed totalled on each within {took:?}");
+    let metrics = get_text(&client, &replicas[1].url("/metrics")).await;
+    let errors = metrics
+        .lines()
+        .find(|l| l.starts_with("sluice_usage_sync_errors_total"))
+        .unwrap_or("");
+    assert!(
+        !errors.ends_with(" 0") && !errors.is_empty(),
+        "the outage was not counted: {errors}"
+    );
+}
+
+/// A replica that stops ships its last records on the way out, long
+/// before its next round would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_replica_ships_its_last_usage_records() {
+    let vm01 = mock("vm01", &["m"]).await;
+    let vm02 = mock("vm02", &["m"]).await;
+    let (state, redis) = (TempDir::new(), Redis::start());
+    let usage = |interval: &str| {
+        format!(
+            "[usage]\nredis_url = {:?}\nsync_interval = {interval:?}\n",
+            redis.url()
+        )
+    };
+    let config =
+        |interval: &str| replica_config(&state, &redis, &vm01.url(), &vm02.url(), &usage(interval));
+    let mut slow = Sluice::start(&config("1h"));
+    let watcher = Sluice::start(&config("100ms"));
+    let client = client();
+    for _ in 0..3 {
+        served_by(&client, &slow).await;
+    }
+    slow.signal("TERM");
+    assert!(slow.wait().success());
+    let url = watcher.admin_url("/admin/usage");
+    let started = Instant::now();
+    loop {
+        let rows = get_json(&client, &url).await;
+        if rows["rows"][0]["requests"] == 3 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the stopped replica's records did not arrive: {rows}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

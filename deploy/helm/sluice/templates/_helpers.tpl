@@ -139,7 +139,7 @@ The effective config as JSON: .Values.config plus the keys the chart owns
 {{- $owned := dict
       "server" (list "listen" "admin_listen" "admin_token_file" "shutdown_timeout" "unready_delay")
       "policy_store" (list "state_dir")
-      "usage" (list "database")
+      "usage" (list "database" "redis_url")
       "limits" (list "redis_url") -}}
 {{- range $section, $keys := $owned -}}
 {{- $table := get $cfg $section -}}
@@ -171,6 +171,7 @@ The effective config as JSON: .Values.config plus the keys the chart owns
 {{- $redis := include "sluice.redisUrl" . -}}
 {{- if $redis -}}
 {{- $_ := set (get $cfg "limits") "redis_url" $redis -}}
+{{- $_ := set (get $cfg "usage") "redis_url" $redis -}}
 {{- end -}}
 {{- toJson $cfg -}}
 {{- end -}}
