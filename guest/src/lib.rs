@@ -6,7 +6,7 @@
 //! the [`Policy`] trait, helpers for the common choices, and the
 //! [`export_policy!`] macro that turns a type into a component.
 //!
-//! ```ignore
+//! ```no_run
 //! use sluice_guest::{export_policy, fleet, select, Decision, Policy, Request};
 //!
 //! struct Router;
@@ -26,7 +26,11 @@
 //! }
 //!
 //! export_policy!(Router);
+//! # fn main() {}
 //! ```
+//!
+//! Every example in this documentation is compiled (and, where it needs
+//! nothing from the host, run) by `cargo test -p sluice-guest`.
 //!
 //! ## Life of a policy
 //! When the host loads a policy it calls [`Policy::init`] once, then takes a
@@ -81,11 +85,61 @@ pub trait Policy: Sized + 'static {
     /// Builds the policy's state, once, when the host loads it: read the
     /// configuration ([`config`]), build lookup tables. An error refuses the
     /// deploy with its message.
+    ///
+    /// ```no_run
+    /// use std::collections::HashMap;
+    /// use sluice_guest::{export_policy, Policy};
+    ///
+    /// /// `config = { aliases = { gpt-4o = "qwen2.5-72b" } }` in sluice.toml.
+    /// #[derive(serde::Deserialize)]
+    /// struct Config {
+    ///     aliases: HashMap<String, String>,
+    /// }
+    ///
+    /// struct Aliases(Config);
+    ///
+    /// impl Policy for Aliases {
+    ///     fn init() -> Result<Self, String> {
+    ///         let config: Config = sluice_guest::config().map_err(|e| e.to_string())?;
+    ///         if config.aliases.is_empty() {
+    ///             return Err("config.aliases: name at least one alias".into());
+    ///         }
+    ///         Ok(Aliases(config))
+    ///     }
+    /// }
+    ///
+    /// export_policy!(Aliases);
+    /// # fn main() {}
+    /// ```
     fn init() -> Result<Self, String>;
 
     /// Which hooks the host should call. The default is `on_request` only;
     /// a policy that only filters answers or handles failures turns
     /// `request` off and costs nothing in the request phase.
+    ///
+    /// ```
+    /// use sluice_guest::{Hooks, Policy};
+    ///
+    /// /// Filters answers only: no request-phase call at all.
+    /// struct Filter;
+    ///
+    /// impl Policy for Filter {
+    ///     fn init() -> Result<Self, String> {
+    ///         Ok(Filter)
+    ///     }
+    ///
+    ///     fn hooks(&self) -> Hooks {
+    ///         Hooks {
+    ///             request: false,
+    ///             // The longest word we look for, minus one.
+    ///             response_holdback: Some(31),
+    ///             failure: false,
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// assert!(!Filter.hooks().request);
+    /// ```
     fn hooks(&self) -> Hooks {
         Hooks {
             request: true,
@@ -96,6 +150,51 @@ pub trait Policy: Sized + 'static {
 
     /// Decide what happens to one request, before anything is sent to a
     /// backend. The default passes it on to the next policy.
+    ///
+    /// Keep the choice in a plain function of its inputs and it can be
+    /// tested natively, without a host:
+    ///
+    /// ```
+    /// use sluice_guest::{fleet, select, Backend, Decision, Endpoint, Policy, Request};
+    ///
+    /// struct Tenants;
+    ///
+    /// /// Team `batch` goes to the batch pool; everyone else to the best
+    /// /// backend for the model.
+    /// fn choose(request: &Request, backends: Vec<Backend>) -> Decision {
+    ///     if request.consumer.as_deref() == Some("batch") {
+    ///         return Decision::route_to("batch-pool");
+    ///     }
+    ///     match select::rank(backends, request.id).first() {
+    ///         Some(best) => Decision::route_to(&best.name),
+    ///         None => Decision::reject(503, "no_backend_available", "nothing serves this model"),
+    ///     }
+    /// }
+    ///
+    /// impl Policy for Tenants {
+    ///     fn init() -> Result<Self, String> {
+    ///         Ok(Tenants)
+    ///     }
+    ///
+    ///     fn on_request(&self, request: Request) -> Decision {
+    ///         let backends = fleet::backends_for_model(&request.model);
+    ///         choose(&request, backends)
+    ///     }
+    /// }
+    ///
+    /// let request = Request {
+    ///     id: 7,
+    ///     endpoint: Endpoint::ChatCompletions,
+    ///     path: "/v1/chat/completions".into(),
+    ///     model: "qwen2.5-7b".into(),
+    ///     stream: false,
+    ///     consumer: Some("batch".into()),
+    ///     body_size: 120,
+    /// };
+    /// assert!(matches!(choose(&request, vec![]), Decision::Route(t) if t[0].backend == "batch-pool"));
+    /// let anonymous = Request { consumer: None, ..request };
+    /// assert!(matches!(choose(&anonymous, vec![]), Decision::Reject(r) if r.status == 503));
+    /// ```
     fn on_request(&self, request: Request) -> Decision {
         let _ = request;
         Decision::pass()
@@ -106,6 +205,48 @@ pub trait Policy: Sized + 'static {
     /// the host keeps the last `response_holdback` characters of what you
     /// return for the next call; `last` is true on the final call. Called
     /// only when [`Policy::hooks`] sets `response_holdback`.
+    ///
+    /// ```
+    /// use sluice_guest::{Endpoint, Hooks, Policy, Request, TextDecision};
+    ///
+    /// /// Masks one word in answers; stops the answer on another.
+    /// struct Mask;
+    ///
+    /// impl Policy for Mask {
+    ///     fn init() -> Result<Self, String> {
+    ///         Ok(Mask)
+    ///     }
+    ///
+    ///     fn hooks(&self) -> Hooks {
+    ///         // "password" is 8 characters: hold back 7 so it is seen whole
+    ///         // even when it arrives split over two chunks.
+    ///         Hooks { request: false, response_holdback: Some(7), failure: false }
+    ///     }
+    ///
+    ///     fn on_response_text(&self, _: &Request, _: u32, text: &str, _: bool) -> TextDecision {
+    ///         if text.contains("rm -rf /") {
+    ///             TextDecision::stop(400, "content_filter", "The answer was stopped.")
+    ///         } else if text.contains("password") {
+    ///             TextDecision::replace(text.replace("password", "********"))
+    ///         } else {
+    ///             TextDecision::Pass
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// let request = Request {
+    ///     id: 1,
+    ///     endpoint: Endpoint::ChatCompletions,
+    ///     path: "/v1/chat/completions".into(),
+    ///     model: "m".into(),
+    ///     stream: true,
+    ///     consumer: None,
+    ///     body_size: 60,
+    /// };
+    /// let masked = Mask.on_response_text(&request, 0, "the password is", false);
+    /// assert!(matches!(masked, TextDecision::Replace(t) if t == "the ******** is"));
+    /// assert!(matches!(Mask.on_response_text(&request, 0, "hello", true), TextDecision::Pass));
+    /// ```
     fn on_response_text(
         &self,
         request: &Request,
@@ -121,6 +262,61 @@ pub trait Policy: Sized + 'static {
     /// remaining targets, retry elsewhere (another model makes it a
     /// fallback), or give up. Called only when [`Policy::hooks`] sets
     /// `failure`.
+    ///
+    /// ```
+    /// use sluice_guest::{
+    ///     Endpoint, Failure, FailureDecision, FailureKind, Hooks, Policy, Request, Target,
+    /// };
+    ///
+    /// /// When `qwen2-1-5b` fails with a 5xx and nothing else serves it,
+    /// /// `gemma-2-2b` on `vm02` answers instead.
+    /// struct Fallback;
+    ///
+    /// impl Policy for Fallback {
+    ///     fn init() -> Result<Self, String> {
+    ///         Ok(Fallback)
+    ///     }
+    ///
+    ///     fn hooks(&self) -> Hooks {
+    ///         Hooks { request: false, response_holdback: None, failure: true }
+    ///     }
+    ///
+    ///     fn on_failure(&self, request: &Request, failure: &Failure) -> FailureDecision {
+    ///         let server_error = failure.kind != FailureKind::Status || failure.status >= 500;
+    ///         if !failure.remaining.is_empty() || !server_error {
+    ///             return FailureDecision::Next;
+    ///         }
+    ///         match request.model.as_str() {
+    ///             "qwen2-1-5b" => FailureDecision::retry(vec![Target::with_model("vm02", "gemma-2-2b")]),
+    ///             _ => FailureDecision::GiveUp,
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// let request = Request {
+    ///     id: 3,
+    ///     endpoint: Endpoint::ChatCompletions,
+    ///     path: "/v1/chat/completions".into(),
+    ///     model: "qwen2-1-5b".into(),
+    ///     stream: false,
+    ///     consumer: None,
+    ///     body_size: 80,
+    /// };
+    /// let failure = Failure {
+    ///     backend: "vm01".into(),
+    ///     model: "qwen2-1-5b".into(),
+    ///     kind: FailureKind::Status,
+    ///     status: 503,
+    ///     attempt: 1,
+    ///     remaining: vec![],
+    /// };
+    /// match Fallback.on_failure(&request, &failure) {
+    ///     FailureDecision::Retry(targets) => {
+    ///         assert_eq!(targets[0].model.as_deref(), Some("gemma-2-2b"))
+    ///     }
+    ///     _ => panic!("expected a fallback"),
+    /// }
+    /// ```
     fn on_failure(&self, request: &Request, failure: &Failure) -> FailureDecision {
         let _ = (request, failure);
         FailureDecision::Next
@@ -169,19 +365,7 @@ pub fn config_json() -> String {
 /// The policy's configuration, parsed into `T`.
 ///
 /// Read it in [`Policy::init`], so a bad configuration refuses the deploy
-/// instead of failing requests:
-///
-/// ```ignore
-/// #[derive(serde::Deserialize, Default)]
-/// struct Config { aliases: std::collections::HashMap<String, String> }
-///
-/// impl Policy for Router {
-///     fn init() -> Result<Self, String> {
-///         let config: Config = sluice_guest::config().map_err(|e| e.to_string())?;
-///         Ok(Router { config })
-///     }
-/// }
-/// ```
+/// instead of failing requests (example at [`Policy::init`]).
 pub fn config<T: serde::de::DeserializeOwned>() -> Result<T, serde_json::Error> {
     serde_json::from_str(&config_json())
 }

@@ -13,6 +13,25 @@ use crate::Backend;
 /// to go when the first choice fills up in the meantime.
 ///
 /// `seed` is usually the request id, which makes the order reproducible.
+///
+/// ```
+/// use sluice_guest::{select, Backend};
+///
+/// let gpu = |name: &str, healthy: bool, in_flight: u32| Backend {
+///     name: name.into(),
+///     models: vec!["glm4-9b".into()],
+///     healthy,
+///     in_flight,
+///     max_concurrent: 2,
+///     weight: 1,
+///     latency_us: 0,
+/// };
+/// let fleet = vec![gpu("vm01", true, 2), gpu("vm02", false, 0), gpu("vm03", true, 0)];
+/// let order = select::rank(fleet, 42);
+/// // vm02 is down, vm01 is at its limit of 2: vm03 first, vm01 as the spare.
+/// let names: Vec<&str> = order.iter().map(|b| b.name.as_str()).collect();
+/// assert_eq!(names, ["vm03", "vm01"]);
+/// ```
 pub fn rank(backends: Vec<Backend>, seed: u64) -> Vec<Backend> {
     let mut ranked: Vec<Backend> = backends.into_iter().filter(|b| b.healthy).collect();
     ranked.sort_by(|a, b| {
