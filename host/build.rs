@@ -7,7 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const BUNDLED: &[&str] = &["model-router", "sensitive-words", "fallback"];
-const TEST_GUESTS: &[&str] = &["pin-backend", "misbehave", "legacy-router"];
+const TEST_GUESTS: &[&str] = &[
+    "pin-backend",
+    "misbehave",
+    "legacy-router",
+    "spin-tools",
+    "p2-tools",
+];
 
 /// Lists the operator console's files (`console/`, plain HTML, CSS and
 /// JavaScript with no build step) for `include_bytes!`, so the binary serves

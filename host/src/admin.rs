@@ -184,6 +184,23 @@ impl Admin {
                 let version = deployer.deploy(&name, bytes.to_vec(), deploy).await?;
                 json(StatusCode::OK, &version)
             }
+            (&Method::GET, ["admin", "workers"]) => {
+                json(StatusCode::OK, &self.gateway.workers.list())
+            }
+            (&Method::PUT | &Method::POST, ["admin", "workers", name]) => {
+                let name = name.to_string();
+                let (parts, body) = request.into_parts();
+                let bytes =
+                    crate::request_body::read(&parts.headers, body, admin_body(MAX_MODULE_BYTES))
+                        .await?;
+                json(
+                    StatusCode::OK,
+                    &self.gateway.workers.deploy(&name, bytes.to_vec()).await?,
+                )
+            }
+            (&Method::POST, ["admin", "workers", name, "rollback"]) => {
+                json(StatusCode::OK, &self.gateway.workers.rollback(name).await?)
+            }
             (&Method::DELETE, ["admin", "policies", name]) => {
                 deployer.remove(name).await?;
                 json(StatusCode::OK, &serde_json::json!({"removed": name}))

@@ -45,6 +45,13 @@ pub enum Body {
     Channel(tokio::sync::mpsc::Receiver<Bytes>),
     /// A stream no response hook reads, relayed as it is polled.
     Relay(Box<crate::relay::Relay>),
+    /// An edge worker's answer, as its instance produces it.
+    Worker {
+        inner: http_body_util::combinators::UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>,
+        worker: String,
+        /// The worker's concurrency slot, held until its answer ends.
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    },
     Backend {
         /// The first frame, read before the client was answered.
         first: Option<Bytes>,
@@ -77,6 +84,18 @@ impl Body {
         }
     }
 
+    pub fn worker(
+        inner: http_body_util::combinators::UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>,
+        worker: String,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Body {
+        Body::Worker {
+            inner,
+            worker,
+            permit,
+        }
+    }
+
     pub const JSON: HeaderValue = HeaderValue::from_static("application/json");
 }
 
@@ -92,6 +111,25 @@ impl http_body::Body for Body {
             Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Body::Channel(rx) => rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))),
             Body::Relay(relay) => relay.poll_frame(cx).map(|f| f.map(Ok)),
+            Body::Worker {
+                inner,
+                worker,
+                permit,
+            } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Err(e))) => {
+                    // Ending the body short is all a proxy can say once the
+                    // status line is out; the client sees it incomplete.
+                    tracing::warn!(worker = worker.as_str(), error = %e, "worker's answer broke off");
+                    permit.take();
+                    Poll::Ready(None)
+                }
+                Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+                Poll::Ready(None) => {
+                    permit.take();
+                    Poll::Ready(None)
+                }
+                Poll::Pending => Poll::Pending,
+            },
             Body::Backend {
                 first,
                 inner,
@@ -135,6 +173,7 @@ impl http_body::Body for Body {
             Body::Full(bytes) => bytes.is_none(),
             Body::Channel(_) => false,
             Body::Relay(relay) => relay.is_end_stream(),
+            Body::Worker { inner, .. } => inner.is_end_stream(),
             Body::Backend {
                 first, inner, slot, ..
             } => slot.is_none() || (first.is_none() && inner.is_end_stream()),
@@ -146,6 +185,7 @@ impl http_body::Body for Body {
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Body::Full(None) => SizeHint::with_exact(0),
             Body::Channel(_) | Body::Relay(_) => SizeHint::default(),
+            Body::Worker { inner, .. } => inner.size_hint(),
             Body::Backend {
                 first: None, inner, ..
             } => inner.size_hint(),

@@ -63,7 +63,54 @@ pub struct Config {
     /// default chain: `builtin:model-router` with no configuration.
     #[serde(default)]
     pub policies: Vec<PolicyConfig>,
+    /// HTTP components mounted on routes next to the OpenAI API.
+    #[serde(default)]
+    pub workers: Vec<WorkerConfig>,
 }
+
+/// An edge worker: a `wasi:http` component (0.2 `incoming-handler` or 0.3
+/// `handler`, what spin-sdk builds) answering every request on its route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    pub name: String,
+    /// `/tools/*` (the prefix and everything under it) or an exact path.
+    pub route: String,
+    /// A `.wasm` component; relative to the config file.
+    pub module: String,
+    /// Hosts the worker may call (`host` for any port, or `host:port`);
+    /// every other outbound request is refused.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Environment variables the worker sees (its only configuration).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Until the response headers, and again for the body after them.
+    #[serde(default = "worker_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Linear memory cap per request.
+    #[serde(default = "worker_memory", deserialize_with = "de_bytes")]
+    pub memory_limit: u64,
+    /// Requests the worker runs at once (each in its own instance, with up
+    /// to `memory_limit`); more wait up to a second, then get 503.
+    #[serde(default = "worker_concurrency")]
+    pub max_concurrent_requests: u32,
+}
+
+fn worker_concurrency() -> u32 {
+    64
+}
+
+fn worker_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn worker_memory() -> u64 {
+    128 << 20
+}
+
+/// Paths the gateway answers itself; no worker route may cover them.
+pub const RESERVED_PATHS: [&str; 5] = ["/v1", "/health", "/ready", "/metrics", "/load-stats"];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -545,6 +592,11 @@ impl Config {
         );
         config.server.admin_token_file =
             config.server.admin_token_file.take().map(|f| base.join(f));
+        for worker in &mut config.workers {
+            if Path::new(&worker.module).is_relative() {
+                worker.module = base.join(&worker.module).to_string_lossy().into_owned();
+            }
+        }
         for policy in &mut config.policies {
             if !policy.module.starts_with("builtin:") && Path::new(&policy.module).is_relative() {
                 policy.module = base.join(&policy.module).to_string_lossy().into_owned();
@@ -625,6 +677,7 @@ impl Config {
         }
         self.validate_consumers()?;
         self.validate_usage()?;
+        self.validate_workers()?;
         let hc = &self.health_check;
         check_path(&hc.path).map_err(|m| invalid("health_check.path", m))?;
         if hc.interval < Duration::from_millis(10) {
@@ -689,6 +742,54 @@ impl Config {
             }
             if !p.config.is_object() {
                 return Err(invalid(key("config"), "must be a table"));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_workers(&self) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        let mut routes = HashSet::new();
+        for (i, w) in self.workers.iter().enumerate() {
+            let key = |field: &str| format!("workers[{i}].{field}");
+            crate::workers::check_name(&w.name).map_err(|m| invalid(key("name"), m))?;
+            if !names.insert(w.name.as_str()) {
+                return Err(invalid(key("name"), format!("`{}` is used twice", w.name)));
+            }
+            let prefix =
+                crate::workers::route_prefix(&w.route).map_err(|m| invalid(key("route"), m))?;
+            if let Some(reserved) = RESERVED_PATHS.iter().find(|r| {
+                prefix.starts_with(*r) || (w.route.ends_with('*') && r.starts_with(prefix))
+            }) {
+                return Err(invalid(
+                    key("route"),
+                    format!(
+                        "`{}` covers `{reserved}`, which the gateway answers itself",
+                        w.route
+                    ),
+                ));
+            }
+            if !routes.insert(w.route.as_str()) {
+                return Err(invalid(
+                    key("route"),
+                    format!("`{}` is used twice", w.route),
+                ));
+            }
+            for (j, host) in w.allowed_hosts.iter().enumerate() {
+                crate::workers::check_allowed_host(host)
+                    .map_err(|m| invalid(format!("workers[{i}].allowed_hosts[{j}]"), m))?;
+            }
+            if w.timeout.is_zero() {
+                return Err(invalid(key("timeout"), "must be greater than 0"));
+            }
+            if w.memory_limit < (1 << 20) {
+                return Err(invalid(key("memory_limit"), "must be at least 1MiB"));
+            }
+            if w.max_concurrent_requests == 0 {
+                return Err(invalid(
+                    key("max_concurrent_requests"),
+                    "must be at least 1",
+                ));
             }
         }
         Ok(())
@@ -916,6 +1017,47 @@ mod tests {
             e.contains("policies[0].module") && e.contains("model-router"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn worker_routes_and_hosts_are_checked() {
+        let worker =
+            |extra: &str| format!("[[workers]]\nname = \"w\"\nmodule = \"w.wasm\"\n{extra}");
+        for (extra, key) in [
+            ("route = \"tools/*\"", "workers[0].route"),
+            ("route = \"/v1/*\"", "workers[0].route"),
+            ("route = \"/*\"", "workers[0].route"),
+            ("route = \"/health\"", "workers[0].route"),
+            ("route = \"/tools*\"", "workers[0].route"),
+            ("route = \"/a/*/b\"", "workers[0].route"),
+            (
+                "route = \"/t/*\"\nallowed_hosts = [\"https://x\"]",
+                "workers[0].allowed_hosts[0]",
+            ),
+            ("route = \"/t/*\"\ntimeout = \"0s\"", "workers[0].timeout"),
+            (
+                "route = \"/t/*\"\nmemory_limit = \"1KiB\"",
+                "workers[0].memory_limit",
+            ),
+        ] {
+            let e = error_of(&worker(extra));
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+        let twice = format!(
+            "{}\n{}",
+            worker("route = \"/a/*\""),
+            worker("route = \"/b/*\"")
+        );
+        assert!(error_of(&twice).contains("workers[1].name"));
+        let c = Config::parse(&format!(
+            "{MINIMAL}\n{}",
+            worker(
+                "route = \"/tools/*\"\nallowed_hosts = [\"127.0.0.1:8080\", \"api.example.com\"]"
+            )
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.workers[0].max_concurrent_requests, 64);
     }
 
     #[test]

@@ -69,6 +69,14 @@ pub enum GatewayError {
         code: &'static str,
         message: String,
     },
+    /// An edge worker failed to answer (trapped, timed out, ran out of
+    /// memory); what it answers itself is passed on as is.
+    #[error("{message}")]
+    Worker {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+    },
 }
 
 impl GatewayError {
@@ -102,7 +110,7 @@ impl GatewayError {
             Auth(_) => StatusCode::UNAUTHORIZED,
             Limited(crate::limits::Refusal::Limited { .. }) => StatusCode::TOO_MANY_REQUESTS,
             Limited(crate::limits::Refusal::StoreDown(_)) => StatusCode::SERVICE_UNAVAILABLE,
-            Admin { status, .. } => *status,
+            Admin { status, .. } | Worker { status, .. } => *status,
             BackendTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -132,7 +140,7 @@ impl GatewayError {
             Limited(crate::limits::Refusal::StoreDown(_)) => "rate_limiter_unavailable",
             QueueFull { .. } => "queue_full",
             QueueTimeout { .. } => "queue_timeout",
-            Admin { code, .. } => code,
+            Admin { code, .. } | Worker { code, .. } => code,
         }
     }
 

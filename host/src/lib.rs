@@ -40,3 +40,4 @@ pub mod tokens;
 pub mod upstream_error;
 pub mod usage;
 pub mod usage_sync;
+pub mod workers;

@@ -53,6 +53,18 @@ pub struct BackendLabels {
     pub backend: String,
 }
 
+/// `worker` comes from configuration, so it is bounded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    pub worker: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerOnlyLabels {
+    pub worker: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
     pub consumer: String,
@@ -76,6 +88,8 @@ pub struct Metrics {
     usage_sync_errors: Counter,
     usage_shipped: Counter,
     usage_copied: Counter,
+    worker_requests: Family<WorkerLabels, Counter>,
+    worker_refusals: Family<WorkerOnlyLabels, Counter>,
     refusals: Family<RefusalLabels, Counter>,
 }
 
@@ -174,6 +188,18 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Other replicas' usage records copied from Redis into this replica's database",
         usage_copied.clone(),
     );
+    let worker_requests = Family::<WorkerLabels, Counter>::default();
+    registry.register(
+        "sluice_worker_requests",
+        "Requests answered by edge workers, by worker and status (their own or the gateway's error)",
+        worker_requests.clone(),
+    );
+    let worker_refusals = Family::<WorkerOnlyLabels, Counter>::default();
+    registry.register(
+        "sluice_worker_outbound_refused",
+        "Outbound requests of workers refused: host not in the worker's allowed_hosts",
+        worker_refusals.clone(),
+    );
     let refusals = Family::<RefusalLabels, Counter>::default();
     registry.register(
         "sluice_consumer_refusals",
@@ -186,6 +212,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         usage_sync_errors,
         usage_shipped,
         usage_copied,
+        worker_requests,
+        worker_refusals,
         refusals,
         policy_seconds,
         policy_failures,
@@ -215,6 +243,23 @@ impl Metrics {
 
     pub fn limit_store_error(&self) {
         self.limit_store_errors.inc();
+    }
+
+    pub fn worker_request(&self, worker: &str, status: u16) {
+        self.worker_requests
+            .get_or_create(&WorkerLabels {
+                worker: worker.to_string(),
+                status,
+            })
+            .inc();
+    }
+
+    pub fn worker_outbound_refused(&self, worker: &str) {
+        self.worker_refusals
+            .get_or_create(&WorkerOnlyLabels {
+                worker: worker.to_string(),
+            })
+            .inc();
     }
 
     pub fn usage_sync_error(&self) {

@@ -48,6 +48,8 @@ pub struct Gateway {
     pub ledger: Arc<Ledger>,
     pub consumers: Arc<Consumers>,
     pub limiter: Arc<Limiter>,
+    /// Edge workers mounted on routes (`[[workers]]`).
+    pub workers: Arc<crate::workers::Workers>,
     /// Samples requests for `sluice policy test` (`[recording]`).
     recorder: Option<Recorder>,
     next_id: AtomicU64,
@@ -93,7 +95,13 @@ impl Gateway {
         );
         let limiter = Arc::new(Limiter::new(&config.limits)?);
         let server = &config.server;
+        let workers = Arc::new(crate::workers::Workers::new(
+            &config.workers,
+            config.policy_store.state_dir.as_deref(),
+            server.max_body_bytes,
+        )?);
         Ok(Arc::new(Gateway {
+            workers,
             consumers,
             limiter,
             checker: Checker::new(fleet.clone()),
@@ -125,6 +133,13 @@ impl Gateway {
     /// Answers one request; never fails (errors become OpenAI-shaped bodies).
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
         let path = request.uri().path();
+        if let Some(worker) = self.workers.route(path) {
+            return self
+                .workers
+                .serve(worker, request)
+                .await
+                .unwrap_or_else(GatewayError::into_response);
+        }
         let method = request.method();
         let result = match Endpoint::from_path(path) {
             Some(endpoint) if method == Method::POST => self.proxy(endpoint, request).await,

@@ -15,3 +15,4 @@ mod replicas;
 mod routing;
 mod streaming;
 mod usage;
+mod workers;

@@ -87,10 +87,7 @@ impl GuestState {
         GuestState {
             wasi,
             table: ResourceTable::new(),
-            memory: MemoryCap {
-                limit: memory_limit,
-                hit: false,
-            },
+            memory: MemoryCap::new(memory_limit),
             timed_out: false,
             stderr,
             fleet: context.fleet,
@@ -159,6 +156,12 @@ pub struct MemoryCap {
     pub hit: bool,
 }
 
+impl MemoryCap {
+    pub fn new(limit: usize) -> MemoryCap {
+        MemoryCap { limit, hit: false }
+    }
+}
+
 impl ResourceLimiter for MemoryCap {
     fn memory_growing(
         &mut self,
@@ -168,7 +171,7 @@ impl ResourceLimiter for MemoryCap {
     ) -> wasmtime::Result<bool> {
         if desired > self.limit {
             self.hit = true;
-            wasmtime::bail!("policy memory limit of {} bytes reached", self.limit);
+            wasmtime::bail!("guest memory limit of {} bytes reached", self.limit);
         }
         Ok(true)
     }

@@ -5,7 +5,7 @@ pub mod builtin;
 mod chain;
 pub mod contract;
 mod guest;
-mod runtime;
+pub(crate) mod runtime;
 mod snapshot;
 
 use std::fmt;
@@ -15,7 +15,7 @@ pub use chain::{
     check_decision, hex, load_policy, module_bytes, Chain, ChainEntry, Filtered, LoadedPolicy,
     PolicyRequest, PolicySpec, Route, Shadow, ShadowExample, ShadowStats, Target,
 };
-pub use guest::HIDDEN_HEADERS;
+pub use guest::{MemoryCap, HIDDEN_HEADERS};
 pub use runtime::Runtime;
 
 /// How a policy call failed. Callers branch on it: the policy's `on_error`

@@ -135,18 +135,7 @@ impl Runtime {
         v1::Policy::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |s| s)
             .map_err(|e| anyhow::anyhow!("linking the 0.1 policy imports: {e:#}"))?;
 
-        let stop_ticker = Arc::new(AtomicBool::new(false));
-        let ticker_engine = engine.clone();
-        let stop = stop_ticker.clone();
-        std::thread::Builder::new()
-            .name("sluice-epoch".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(TICK);
-                    ticker_engine.increment_epoch();
-                }
-            })
-            .context("starting the epoch ticker")?;
+        let stop_ticker = start_ticker(&engine, TICK, "sluice-epoch")?;
 
         Ok(Runtime {
             engine,
@@ -397,6 +386,28 @@ fn guest_error(
         kind,
         detail,
     }
+}
+
+/// A thread that advances `engine`'s epoch every `tick`, which is what
+/// makes running guests yield and lets their deadlines fire; it stops when
+/// the returned flag is set.
+pub(crate) fn start_ticker(
+    engine: &Engine,
+    tick: Duration,
+    name: &str,
+) -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (engine, stopped) = (engine.clone(), stop.clone());
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                std::thread::sleep(tick);
+                engine.increment_epoch();
+            }
+        })
+        .with_context(|| format!("starting the epoch ticker {name}"))?;
+    Ok(stop)
 }
 
 impl Drop for Runtime {
