@@ -96,6 +96,24 @@ impl Mounted {
         }
     }
 
+    /// This version again, numbered `version`, remembering `previous` for
+    /// a rollback (without its own history: one step back is kept).
+    fn as_version(&self, version: u64, previous: Option<&Mounted>) -> Mounted {
+        Mounted {
+            name: self.name.clone(),
+            route: self.route.clone(),
+            prefix: self.prefix.clone(),
+            exact: self.exact,
+            kind: self.kind,
+            version,
+            sha256: self.sha256.clone(),
+            config: self.config.clone(),
+            bytes: self.bytes.clone(),
+            handler: self.handler.clone(),
+            previous: previous.map(|p| Arc::new(p.as_version(p.version, None))),
+        }
+    }
+
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({
             "name": self.name,
@@ -320,31 +338,23 @@ impl Workers {
         let sandbox = self.sandbox.as_ref().ok_or_else(|| unknown(name))?;
         let version = current.version + 1;
         let bytes: Arc<[u8]> = bytes.into();
-        let next = mount(
-            sandbox,
-            &current.config,
-            bytes,
-            version,
-            Some(current.clone()),
-        )
-        .map_err(|e| GatewayError::Admin {
-            status: StatusCode::BAD_REQUEST,
-            code: "invalid_module",
-            message: format!("Worker `{name}` was not replaced: {e:#}"),
-        })?;
-        self.save(&next)?;
-        let described = next.describe();
-        self.swap(Arc::new(next));
-        tracing::info!(worker = name, version, "worker deployed");
-        Ok(described)
+        let next =
+            mount(sandbox, &current.config, bytes, version, Some(&current)).map_err(|e| {
+                GatewayError::Admin {
+                    status: StatusCode::BAD_REQUEST,
+                    code: "invalid_module",
+                    message: format!("Worker `{name}` was not replaced: {e:#}"),
+                }
+            })?;
+        self.install(next, "worker deployed")
     }
 
     /// Puts the version before the current one back, as a new version (a
-    /// second rollback returns to the one rolled away from).
+    /// second rollback returns to the one rolled away from). Its compiled
+    /// module is reused.
     pub async fn rollback(&self, name: &str) -> Result<serde_json::Value, GatewayError> {
         let _one = self.deploys.lock().await;
         let current = self.find(name)?;
-        let sandbox = self.sandbox.as_ref().ok_or_else(|| unknown(name))?;
         let Some(previous) = current.previous.clone() else {
             return Err(GatewayError::Admin {
                 status: StatusCode::CONFLICT,
@@ -352,23 +362,18 @@ impl Workers {
                 message: format!("Worker `{name}` has no earlier version in this process."),
             });
         };
-        // The version rolled away from becomes the one a rollback returns to.
-        let next = mount(
-            sandbox,
-            &current.config,
-            previous.bytes.clone(),
-            current.version + 1,
-            Some(current.clone()),
+        self.install(
+            previous.as_version(current.version + 1, Some(&current)),
+            "worker rolled back",
         )
-        .map_err(|e| GatewayError::Admin {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            code: "rollback_failed",
-            message: format!("{e:#}"),
-        })?;
+    }
+
+    /// Saves `next` for restarts, then serves it from the next request on.
+    fn install(&self, next: Mounted, what: &str) -> Result<serde_json::Value, GatewayError> {
         self.save(&next)?;
         let described = next.describe();
+        tracing::info!(worker = next.name, version = next.version, "{what}");
         self.swap(Arc::new(next));
-        tracing::info!(worker = name, "worker rolled back");
         Ok(described)
     }
 
@@ -443,7 +448,7 @@ fn mount(
     config: &WorkerConfig,
     bytes: Arc<[u8]>,
     version: u64,
-    previous: Option<Arc<Mounted>>,
+    previous: Option<&Mounted>,
 ) -> anyhow::Result<Mounted> {
     let (pre, kind) = sandbox.compile(&bytes)?;
     let allowed = config
@@ -467,22 +472,6 @@ fn mount(
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    // Only one earlier version is kept for rollback: not its own history.
-    let previous = previous.map(|p| {
-        Arc::new(Mounted {
-            name: p.name.clone(),
-            route: p.route.clone(),
-            prefix: p.prefix.clone(),
-            exact: p.exact,
-            kind: p.kind,
-            version: p.version,
-            sha256: p.sha256.clone(),
-            config: p.config.clone(),
-            bytes: p.bytes.clone(),
-            handler: p.handler.clone(),
-            previous: None,
-        })
-    });
     Ok(Mounted {
         name: config.name.clone(),
         route: config.route.clone(),
@@ -498,6 +487,6 @@ fn mount(
             pre,
             bounds,
         }),
-        previous,
+        previous: previous.map(|p| Arc::new(p.as_version(p.version, None))),
     })
 }
