@@ -36,6 +36,22 @@ pub struct Accounting {
     /// The consumer's reservation, settled with the real count at the end.
     ticket: Option<crate::limits::Ticket>,
     finished: bool,
+    /// The client asked for a stream's `usage` chunk: if the backend sends
+    /// none (llama.cpp's server ignores the option), the gateway writes one
+    /// from its estimate, in the envelope of the chunks it relayed.
+    wants_usage: bool,
+    envelope: Option<Envelope>,
+    /// `reported` is the gateway's estimate, not the backend's count.
+    reported_estimated: bool,
+}
+
+/// The fields every chunk of a stream repeats, kept to write the usage
+/// chunk a backend left out.
+struct Envelope {
+    id: String,
+    object: String,
+    created: u64,
+    model: String,
 }
 
 impl Accounting {
@@ -76,7 +92,70 @@ impl Accounting {
             request_body: body,
             ticket: None,
             finished: false,
+            wants_usage: false,
+            envelope: None,
+            reported_estimated: false,
         }
+    }
+
+    /// The client asked for the final `usage` chunk of its stream.
+    pub fn client_wants_usage(&mut self) {
+        self.wants_usage = true;
+    }
+
+    /// The stream reached its end and the client, who asked for usage, has
+    /// none from the backend: the gateway must supply it.
+    pub fn usage_missing(&self) -> bool {
+        self.wants_usage && self.reported.is_none()
+    }
+
+    /// The count of the prompt and of the answer so far, to run off the
+    /// executor (a multi-MiB prompt takes real CPU).
+    pub fn estimator(&self) -> impl FnOnce() -> (u64, u64) + Send + 'static {
+        let body = self.request_body.clone();
+        let text = self.answer_text.clone();
+        let embeddings = self.record.endpoint == "embeddings";
+        move || estimate(&body, &text, embeddings)
+    }
+
+    /// Takes the estimate as the request's usage and returns the usage
+    /// chunk to send before `[DONE]`, in the stream's own envelope.
+    pub fn supply_usage(&mut self, (prompt, completion): (u64, u64)) -> Bytes {
+        self.reported = Some((prompt, completion));
+        self.reported_estimated = true;
+        let chat = self.record.endpoint != "completions";
+        let envelope = self.envelope.take().unwrap_or_else(|| Envelope {
+            id: format!("sluice-{}", self.record.request_id),
+            object: String::new(),
+            created: now_secs(),
+            model: self
+                .record
+                .model_answered
+                .clone()
+                .unwrap_or_else(|| self.record.model_requested.clone()),
+        });
+        let object = if envelope.object.is_empty() {
+            if chat {
+                "chat.completion.chunk"
+            } else {
+                "text_completion"
+            }
+        } else {
+            envelope.object.as_str()
+        };
+        let chunk = serde_json::json!({
+            "id": envelope.id,
+            "object": object,
+            "created": envelope.created,
+            "model": envelope.model,
+            "choices": [],
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            },
+        });
+        crate::sse::event(&chunk.to_string())
     }
 
     /// Keeps the consumer's admission until the request ends.
@@ -116,6 +195,15 @@ impl Accounting {
                 }
             }
         }
+        if self.wants_usage && self.envelope.is_none() {
+            let text = |key: &str| chunk[key].as_str().unwrap_or_default().to_string();
+            self.envelope = Some(Envelope {
+                id: text("id"),
+                object: text("object"),
+                created: chunk["created"].as_u64().unwrap_or_else(now_secs),
+                model: text("model"),
+            });
+        }
         self.note_usage(&chunk["usage"]);
         chunk["choices"].as_array().is_some_and(Vec::is_empty) && chunk["usage"].is_object()
     }
@@ -138,6 +226,14 @@ impl Accounting {
                 self.first_token.get_or_insert_with(Instant::now);
                 self.keep_text(text);
             }
+        }
+        if self.wants_usage && self.envelope.is_none() {
+            self.envelope = Some(Envelope {
+                id: peek.id.unwrap_or_default().into_owned(),
+                object: peek.object.unwrap_or_default().into_owned(),
+                created: peek.created.unwrap_or_else(now_secs),
+                model: peek.model.unwrap_or_default().into_owned(),
+            });
         }
         self.note_peeked_usage(peek.usage.as_ref());
         peek.choices.is_some_and(|c| c.is_empty()) && peek.usage.is_some()
@@ -217,6 +313,7 @@ impl Accounting {
             Some((prompt, completion)) => {
                 record.prompt_tokens = prompt;
                 record.completion_tokens = completion;
+                record.estimated = self.reported_estimated;
                 settle(&ledger, record, generation, ticket);
             }
             None if record.status >= 400 || record.status == 0 => {
@@ -231,12 +328,8 @@ impl Accounting {
                 let handle = tokio::runtime::Handle::try_current();
                 let count = move || {
                     let mut record = record;
-                    if let Ok(body) = serde_json::from_slice::<Value>(&body) {
-                        record.prompt_tokens = crate::tokens::count_prompt(&body);
-                    }
-                    if !endpoint_embeddings {
-                        record.completion_tokens = crate::tokens::count_answer_text(&text);
-                    }
+                    (record.prompt_tokens, record.completion_tokens) =
+                        estimate(&body, &text, endpoint_embeddings);
                     record.estimated = true;
                     settle(&ledger, record, generation, ticket);
                 };
@@ -249,10 +342,36 @@ impl Accounting {
     }
 }
 
+fn now_secs() -> u64 {
+    u64::try_from(now_ms() / 1000).unwrap_or(0)
+}
+
+/// Tokens of a prompt (the request body) and of an answer's text, counted
+/// with the tokenizer.
+fn estimate(body: &[u8], answer_text: &str, embeddings: bool) -> (u64, u64) {
+    let prompt = serde_json::from_slice::<Value>(body)
+        .map(|body| crate::tokens::count_prompt(&body))
+        .unwrap_or(0);
+    let completion = if embeddings {
+        0
+    } else {
+        crate::tokens::count_answer_text(answer_text)
+    };
+    (prompt, completion)
+}
+
 /// The parts of a chunk or an answer the accounting reads; everything else
 /// is skipped without being built.
 #[derive(serde::Deserialize)]
 struct Peek<'a> {
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    object: Option<Cow<'a, str>>,
+    #[serde(default)]
+    created: Option<u64>,
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     choices: Option<Vec<PeekChoice<'a>>>,
     #[serde(default)]

@@ -171,6 +171,11 @@ impl Filter {
         if data.trim() == "[DONE]" {
             let (mut out, stopped) = self.flush(state).await;
             if !stopped {
+                if state.acct.usage_missing() {
+                    if let Ok(counted) = tokio::task::spawn_blocking(state.acct.estimator()).await {
+                        out.push(state.acct.supply_usage(counted));
+                    }
+                }
                 out.push(Bytes::from_static(sse::DONE));
             }
             state.done = true;

@@ -3,8 +3,11 @@
 //! needs no task and no channel: each backend read is split into events,
 //! accounted, and everything it completed goes out as one frame — one write,
 //! however many events the backend sent together. Events pass byte for byte,
-//! except the `usage` chunk the gateway asked for on the client's behalf.
+//! except the `usage` chunk the gateway asked for on the client's behalf —
+//! and one it writes when the client asked for usage and the backend sent
+//! none.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -26,6 +29,9 @@ pub struct Relay {
     /// Finished (and so recorded) when the stream ends.
     acct: Option<Accounting>,
     strip_usage: bool,
+    /// The count of a stream whose backend reported no usage, running off
+    /// the executor; `[DONE]` waits for it.
+    estimate: Option<tokio::task::JoinHandle<(u64, u64)>>,
 }
 
 impl Relay {
@@ -42,15 +48,27 @@ impl Relay {
             parser: sse::Parser::default(),
             acct: Some(acct),
             strip_usage,
+            estimate: None,
         }
     }
 
     pub fn is_end_stream(&self) -> bool {
-        self.backend.is_none()
+        self.backend.is_none() && self.estimate.is_none()
     }
 
     pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Frame<Bytes>>> {
         loop {
+            if let Some(estimate) = self.estimate.as_mut() {
+                let counted = ready!(Pin::new(estimate).poll(cx));
+                self.estimate = None;
+                let mut out = Vec::new();
+                if let (Ok(counted), Some(acct)) = (counted, self.acct.as_mut()) {
+                    out.push(acct.supply_usage(counted));
+                }
+                out.push(Bytes::from_static(sse::DONE));
+                self.end();
+                return Poll::Ready(sse::concat(out).map(Frame::data));
+            }
             if self.backend.is_none() {
                 return Poll::Ready(None);
             }
@@ -111,7 +129,12 @@ impl Relay {
             return false;
         };
         if data.trim() == "[DONE]" {
-            out.push(Bytes::from_static(sse::DONE));
+            match self.acct.as_ref().filter(|acct| acct.usage_missing()) {
+                Some(acct) => {
+                    self.estimate = Some(tokio::task::spawn_blocking(acct.estimator()));
+                }
+                None => out.push(Bytes::from_static(sse::DONE)),
+            }
             return true;
         }
         let usage_only = match self.acct.as_mut() {
@@ -124,8 +147,13 @@ impl Relay {
         false
     }
 
+    /// Lets go of the backend; the accounting ends too, unless a usage
+    /// estimate is still to be sent.
     fn end(&mut self) {
         self.backend = None;
+        if self.estimate.is_some() {
+            return;
+        }
         if let Some(acct) = self.acct.take() {
             acct.finish();
         }

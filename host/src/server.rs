@@ -241,6 +241,9 @@ impl Gateway {
         // The client's own stream options decide what it sees; the gateway
         // asks for usage regardless, to count exactly, and strips it again.
         let strip_usage = head.stream && endpoint != Endpoint::Embeddings && !head.include_usage;
+        if head.stream && head.include_usage && endpoint != Endpoint::Embeddings {
+            acct.client_wants_usage();
+        }
         if let Some(recorder) = self.recorder.as_ref().filter(|r| r.samples(id)) {
             recorder.record(
                 parts.uri.path(),

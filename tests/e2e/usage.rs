@@ -88,6 +88,69 @@ async fn streams_are_counted_exactly_and_clients_see_what_they_asked_for() {
     assert!(asked.contains("\"completion_tokens\":8"), "{asked}");
 }
 
+/// The usage chunk of a stream, if any: `choices` empty, `usage` set.
+fn usage_chunks(stream: &str) -> Vec<Value> {
+    stream
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+        .filter(|chunk| chunk["usage"].is_object())
+        .collect()
+}
+
+/// llama.cpp's server ignores `include_usage`: a client that asked for it
+/// still gets the usage chunk — the gateway's estimate, the same numbers
+/// it records — just before `[DONE]`, in the stream's envelope, whether
+/// or not a response hook reads the stream. A client that did not ask
+/// gets none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_asking_for_usage_gets_it_when_the_backend_sends_none() {
+    let mut config = paced("vm01", &["m"], Flavor::Vllm, 0, 8);
+    config.reports_usage = false;
+    let vm01 = mock_with(config).await;
+    let hooked = "[[policies]]\nname = \"words\"\nmodule = \"builtin:sensitive-words\"\nconfig = { words = [\"secret\"], scope = \"response\" }\n[[policies]]\nname = \"router\"\nmodule = \"builtin:model-router\"\n";
+    for policies in ["", hooked] {
+        let sluice = Sluice::start(&format!(
+            "{}{policies}",
+            backend("vm01", &vm01.url(), &["m"], "")
+        ));
+        let client = client();
+        let mut body = stream_chat("m");
+        let plain = sluice.post_chat(&client, &body).await.text().await.unwrap();
+        assert!(usage_chunks(&plain).is_empty(), "{plain}");
+
+        body["stream_options"] = json!({"include_usage": true});
+        let asked = sluice.post_chat(&client, &body).await.text().await.unwrap();
+        let chunks = usage_chunks(&asked);
+        assert_eq!(chunks.len(), 1, "policies {policies:?}: {asked}");
+        let usage = &chunks[0];
+        assert_eq!(usage["choices"], json!([]));
+        assert_eq!(usage["object"], "chat.completion.chunk");
+        assert_eq!(usage["model"], "m");
+        assert!(usage["id"].as_str().is_some_and(|id| !id.is_empty()));
+        let data: Vec<&str> = asked
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .collect();
+        assert_eq!(data.last(), Some(&"[DONE]"), "{asked}");
+        let before_done: Value = serde_json::from_str(data[data.len() - 2]).unwrap();
+        assert_eq!(
+            &before_done, usage,
+            "the usage chunk is not the last before [DONE]"
+        );
+        let expected = sluice::tokens::count_text("Hello from vm01. the quick brown fox");
+        assert_eq!(usage["usage"]["completion_tokens"], expected);
+        let prompt = sluice::tokens::count_prompt(&stream_chat("m"));
+        assert_eq!(usage["usage"]["prompt_tokens"], prompt);
+        assert_eq!(usage["usage"]["total_tokens"], prompt + expected);
+
+        let totals = usage_totals(&client, &sluice).await;
+        assert_eq!(totals["requests"], 2);
+        assert_eq!(totals["estimated_requests"], 2);
+        assert_eq!(totals["completion_tokens"], 2 * expected);
+    }
+}
+
 /// A backend that never reports usage (as llama.cpp's server in streams):
 /// the gateway counts with a tokenizer and marks the record estimated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -169,8 +169,8 @@ def test_real_chat_streaming(real):
 
 
 def test_real_chat_streaming_with_include_usage(real):
-    """The client asks for usage; llama.cpp ignores the option. The SDK must
-    still get a proper stream, and the gateway records an estimate."""
+    """The client asks for usage; llama.cpp ignores the option. The gateway
+    supplies the usage chunk from its estimate — the numbers it records."""
     client = real["client"]
     before = len(records(real["db"])) if real["db"].exists() else 0
     chunks = list(client.chat.completions.create(model=MODEL, **ASK,
@@ -179,9 +179,12 @@ def test_real_chat_streaming_with_include_usage(real):
     rec = wait_records(real["db"], before + 1)[-1]
     assert rec["estimated"] == 1 and rec["completion_tokens"] > 0
     usage_chunks = [c for c in chunks if c.usage is not None]
-    # Whatever the gateway sends as usage must be consistent with its record.
-    for c in usage_chunks:
-        assert c.usage.completion_tokens == rec["completion_tokens"]
+    assert len(usage_chunks) == 1 and usage_chunks[0] is chunks[-1], chunks
+    usage = usage_chunks[0].usage
+    assert usage.completion_tokens == rec["completion_tokens"]
+    assert usage.prompt_tokens == rec["prompt_tokens"] > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage_chunks[0].choices == []
 
 
 def test_real_completions(real):
