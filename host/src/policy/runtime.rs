@@ -123,7 +123,11 @@ impl Runtime {
 
         let mut wasm = Config::new();
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
-            .epoch_interruption(true);
+            .epoch_interruption(true)
+            // Policies are synchronous exports; the concurrent machinery the
+            // edge workers need (component-model-async) doubled the cost of
+            // every policy call when left on here.
+            .concurrency_support(false);
         let engine =
             Engine::new(&wasm).map_err(|e| anyhow::anyhow!("creating the wasm engine: {e:#}"))?;
 
