@@ -13,12 +13,7 @@ cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip2
 python3 -c "import prometheus_client" 2>/dev/null \
   || python3 -m pip install --quiet --disable-pip-version-check prometheus_client
-if ! command -v redis-server >/dev/null; then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
-fi
+command -v redis-server >/dev/null || bash scripts/apt-install.sh redis-server
 cargo test --release -p sluice -p sluice-guest -p sensitive-words -p fallback
 bash scripts/test-browser.sh
 bash scripts/check-deploy.sh

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Browser tests of the operator console (tests/browser): installs Debian's
-# Chromium and playwright-core when missing, then drives the console in
+# Chromium, Node.js and npm, and playwright-core when missing, then drives the console in
 # headless Chromium against the sluice binary at ${SLUICE_BIN:-target/release/sluice}
 # (build it first: cargo build --release -p sluice). Screenshots of every step
 # land in tests/browser/artifacts/. CONSOLE_FAKE_ADMIN=1 puts the stand-in
@@ -11,16 +11,11 @@ cd "$(dirname "$0")/.."
 export SLUICE_BIN="$(realpath -m "${SLUICE_BIN:-target/release/sluice}")"
 export CHROMIUM_BIN="${CHROMIUM_BIN:-/usr/bin/chromium}"
 
-if [ ! -x "$CHROMIUM_BIN" ]; then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
-fi
-command -v node >/dev/null && command -v npm >/dev/null || {
-  echo "test-browser: node and npm are needed (apt-get install nodejs npm)" >&2
-  exit 1
-}
+missing=()
+[ -x "$CHROMIUM_BIN" ] || missing+=(chromium)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
+bash scripts/apt-install.sh "${missing[@]}"
 if [ ! -x "$SLUICE_BIN" ]; then
   echo "test-browser: no sluice binary at $SLUICE_BIN (cargo build --release -p sluice, or set SLUICE_BIN)" >&2
   exit 1

@@ -40,8 +40,7 @@ command -v make >/dev/null || missing+=(make)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   say "apt-get install ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  bash scripts/apt-install.sh "${missing[@]}"
 fi
 
 if [ ! -x "$PY" ] || ! "$PY" -c 'import sys' 2>/dev/null; then
