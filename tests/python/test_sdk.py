@@ -214,6 +214,9 @@ def test_error_401_403_and_429_from_consumers(mocks, gateway):
             lambda: chat(openai_client(gw, api_key="sk-bob")))
     alice = openai_client(gw, api_key="sk-alice")
     _expect(openai.PermissionDeniedError, 403, "model_not_allowed", lambda: chat(alice, "m2"))
+    # Limits count per calendar minute: keep the three requests below in one.
+    if time.time() % 60 > 50:
+        time.sleep(61 - time.time() % 60)
     assert chat(alice).choices[0].message.content
     assert chat(alice).choices[0].message.content
     e = _expect(openai.RateLimitError, 429, "rate_limit_exceeded", lambda: chat(alice))
