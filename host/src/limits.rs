@@ -424,11 +424,22 @@ if conc_l > 0 then redis.call('INCR', KEYS[4]); redis.call('EXPIRE', KEYS[4], 36
 return 0
 "#;
 
+    /// Reconciles a reservation with the real count — only in windows that
+    /// still exist: a request that outlived its minute must not recreate
+    /// that minute's key without an expiry.
+    const ADJUST: &str = r#"
+for _, k in ipairs(KEYS) do
+  if redis.call('EXISTS', k) == 1 then redis.call('INCRBY', k, ARGV[1]) end
+end
+return 0
+"#;
+
     #[derive(Clone)]
     pub struct RedisStore {
         client: redis::Client,
         connection: std::sync::Arc<OnceCell<ConnectionManager>>,
         admit: std::sync::Arc<Script>,
+        adjust: std::sync::Arc<Script>,
     }
 
     fn key(consumer: &str, what: &str) -> String {
@@ -443,6 +454,7 @@ return 0
                 client,
                 connection: Default::default(),
                 admit: std::sync::Arc::new(Script::new(ADMIT)),
+                adjust: std::sync::Arc::new(Script::new(ADJUST)),
             })
         }
 
@@ -486,13 +498,14 @@ return 0
             delta: i64,
         ) -> redis::RedisResult<()> {
             let mut c = self.connection().await?;
-            redis::pipe()
-                .incr(key(consumer, &format!("tokens:{minute}")), delta)
-                .ignore()
-                .incr(key(consumer, &format!("tokens-day:{day}")), delta)
-                .ignore()
-                .query_async(&mut c)
-                .await
+            let _: i64 = self
+                .adjust
+                .key(key(consumer, &format!("tokens:{minute}")))
+                .key(key(consumer, &format!("tokens-day:{day}")))
+                .arg(delta)
+                .invoke_async(&mut c)
+                .await?;
+            Ok(())
         }
 
         pub async fn release(&self, consumer: &str) -> redis::RedisResult<()> {

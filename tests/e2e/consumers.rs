@@ -333,9 +333,10 @@ async fn two_replicas_share_one_limit_through_redis() {
     let mut redis = Redis::start();
     let config = |on_error: &str| {
         format!(
-            "[limits]\nredis_url = {:?}\non_store_error = {on_error:?}\nredis_timeout = \"300ms\"\n{}{}",
+            "[limits]\nredis_url = {:?}\non_store_error = {on_error:?}\nredis_timeout = \"300ms\"\n{}{}{}",
             redis.url(),
             consumer("erin", "sk-erin", "requests_per_minute = 10"),
+            consumer("fred", "sk-fred", "tokens_per_day = 100000"),
             backend("vm01", &vm01.url(), &["m"], ""),
         )
     };
@@ -365,6 +366,42 @@ async fn two_replicas_share_one_limit_through_redis() {
         ok, 10,
         "two replicas admitted {ok} of 30 concurrent requests under one limit of 10 per minute"
     );
+
+    // Tokens: reserved at admission (prompt + max_tokens) on one replica,
+    // settled to the real count in Redis, seen so by the other.
+    let mut body = chat("m");
+    body["max_tokens"] = json!(500);
+    let r = chat_as(&client, &a, Some("sk-fred"), &body).await;
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    let used = answer["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(used > 0 && used < 500, "{answer}");
+    let settled = Instant::now();
+    loop {
+        let consumers: Value = client
+            .get(b.admin_url("/admin/consumers"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let fred = consumers
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "fred")
+            .unwrap()
+            .clone();
+        if fred["usage"]["tokens_today"] == json!(used) {
+            break;
+        }
+        assert!(
+            settled.elapsed() < Duration::from_secs(5),
+            "the reservation was not settled to {used}: {fred}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let _ = redis.child.kill();
     let _ = redis.child.wait();
