@@ -158,6 +158,19 @@ function renderFleet() {
     );
   }) : el('tr', el('td.muted', { colSpan: 11 }, 'No backends configured.')));
 
+  const errors = backends
+    .flatMap((b) => (b.recent_errors || []).map((e) => ({ ...e, backend: b.name })))
+    .sort((a, b) => b.last_ms - a.last_ms)
+    .slice(0, 30);
+  clear($('#errors tbody'), errors.length ? errors.map((e) =>
+    el('tr', { dataset: { backend: e.backend } },
+      el('td.sub', fmtAgo(e.last_ms, now)),
+      el('td', el('b', e.backend)),
+      el('td.num', fmtNum(e.count)),
+      el('td.sub', fmtAgo(e.first_ms, now)),
+      el('td.error', { title: e.message }, e.message),
+    )) : el('tr', el('td.muted', { colSpan: 5 }, 'No errors.')));
+
   const models = load.models || [];
   clear($('#models tbody'), models.length ? models.map((m) => {
     const swatch = el('span.swatch');

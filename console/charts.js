@@ -87,11 +87,13 @@ export class LineChart {
     for (const model of models) {
       let segment = [];
       const segments = [segment];
+      let peak = 0; // the highest value drawn, for tests and tooltips
       for (const sample of visible) {
         const value = sample.values[model];
         if (value === null || value === undefined || !Number.isFinite(value)) {
           if (segment.length) segments.push(segment = []);
         } else {
+          peak = Math.max(peak, value);
           segment.push(`${x(Math.max(sample.time, start)).toFixed(1)},${y(value).toFixed(1)}`);
         }
       }
@@ -99,11 +101,11 @@ export class LineChart {
         if (!points.length) continue;
         if (points.length === 1) {
           const [cx, cy] = points[0].split(',');
-          nodes.push(svg('circle', { cx, cy, r: 2, fill: colorOf(model), class: 'series', 'data-model': model }));
+          nodes.push(svg('circle', { cx, cy, r: 2, fill: colorOf(model), class: 'series', 'data-model': model, 'data-peak': peak }));
         } else {
           nodes.push(svg('polyline', {
             points: points.join(' '), fill: 'none', stroke: colorOf(model), 'stroke-width': 1.75,
-            'stroke-linejoin': 'round', class: 'series', 'data-model': model,
+            'stroke-linejoin': 'round', class: 'series', 'data-model': model, 'data-peak': peak,
           }));
         }
       }

@@ -3,6 +3,7 @@
 //! left to policies), latency, and health — active (probes) and passive
 //! (failing real requests).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -119,7 +120,8 @@ pub struct Backend {
     probe_up: AtomicBool,
     probe_streak: AtomicI32,
     last_check_unix_ms: AtomicU64,
-    last_error: Mutex<Option<String>>,
+    /// The latest distinct errors, newest last, for the console.
+    errors: Mutex<VecDeque<RecentError>>,
     /// Set when a reload removed the backend; its health checker stops.
     retired: AtomicBool,
     clock: Instant,
@@ -163,7 +165,7 @@ impl Backend {
             probe_up: AtomicBool::new(true),
             probe_streak: AtomicI32::new(0),
             last_check_unix_ms: AtomicU64::new(0),
-            last_error: Mutex::new(None),
+            errors: Mutex::new(VecDeque::new()),
             retired: AtomicBool::new(false),
             clock,
         })
@@ -393,14 +395,43 @@ impl Backend {
         }
     }
 
+    /// Notes an error; the same message again (a probe failing every few
+    /// seconds) only counts and moves its time, so an outage does not push
+    /// out everything before it.
     fn set_last_error(&self, error: &str) {
-        if let Ok(mut last) = self.last_error.lock() {
-            *last = Some(error.to_string());
+        let Ok(mut errors) = self.errors.lock() else {
+            return;
+        };
+        let now = unix_ms();
+        match errors.back_mut() {
+            Some(last) if last.message == error => {
+                last.last_ms = now;
+                last.count += 1;
+            }
+            _ => {
+                if errors.len() == RECENT_ERRORS {
+                    errors.pop_front();
+                }
+                errors.push_back(RecentError {
+                    first_ms: now,
+                    last_ms: now,
+                    count: 1,
+                    message: error.to_string(),
+                });
+            }
         }
     }
 
     pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().ok()?.clone()
+        Some(self.errors.lock().ok()?.back()?.message.clone())
+    }
+
+    /// The latest distinct errors, newest first.
+    pub fn recent_errors(&self) -> Vec<RecentError> {
+        match self.errors.lock() {
+            Ok(errors) => errors.iter().rev().cloned().collect(),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// Unix time of the last probe in milliseconds; `None` before the first.
@@ -415,6 +446,20 @@ impl Backend {
     pub fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Relaxed)
     }
+}
+
+/// Distinct errors kept per backend.
+const RECENT_ERRORS: usize = 10;
+
+/// An error a backend gave (a failed request or probe), with how often it
+/// repeated in a row.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RecentError {
+    /// Unix milliseconds of its first and latest occurrence.
+    pub first_ms: u64,
+    pub last_ms: u64,
+    pub count: u64,
+    pub message: String,
 }
 
 fn unix_ms() -> u64 {
@@ -540,6 +585,28 @@ mod tests {
         b.record_failure("x");
         assert!(!b.is_healthy());
         assert_eq!(b.last_error().as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn recent_errors_fold_repeats_and_keep_the_latest_ten() {
+        let b = backend(0, HealthRules::default());
+        for message in ["refused", "refused", "refused", "timeout"] {
+            b.set_last_error(message);
+        }
+        let recent = b.recent_errors();
+        let seen: Vec<(&str, u64)> = recent
+            .iter()
+            .map(|e| (e.message.as_str(), e.count))
+            .collect();
+        assert_eq!(seen, [("timeout", 1), ("refused", 3)]);
+        for i in 0..20 {
+            b.set_last_error(&format!("e{i}"));
+        }
+        let recent = b.recent_errors();
+        assert_eq!(recent.len(), RECENT_ERRORS);
+        assert_eq!(recent[0].message, "e19");
+        assert_eq!(recent[9].message, "e10");
+        assert_eq!(b.last_error().as_deref(), Some("e19"));
     }
 
     #[test]

@@ -202,6 +202,7 @@ pub fn report(fleet: &Fleet) -> (StatusCode, Value) {
                 "queued": b.stats.queued(),
                 "models": &*b.models(),
                 "last_error": b.last_error(),
+                "recent_errors": b.recent_errors(),
                 "last_check": b.last_check_unix_ms(),
             })
         })
