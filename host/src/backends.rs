@@ -58,6 +58,11 @@ impl BackendUrl {
     }
 
     /// The backend URI for a client's path and query, e.g. `/v1/models`.
+    /// `host:port` as written.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
     pub fn join(&self, path_and_query: &str) -> Result<Uri, http::Error> {
         Uri::builder()
             .scheme(self.scheme.clone())

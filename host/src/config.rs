@@ -59,6 +59,12 @@ pub struct Config {
     pub consumers: Vec<ConsumerConfig>,
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
+    /// vllm-router's `servers.toml` shape (`[servers] servers = [{ url,
+    /// max_concurrent_requests }]`), read as backends named after their
+    /// address whose models are asked of them: an operator moving from it
+    /// keeps the file. Empty once parsed.
+    #[serde(default)]
+    pub servers: ServersSection,
     /// The policy chain, run in order for every request. Empty means the
     /// default chain: `builtin:model-router` with no configuration.
     #[serde(default)]
@@ -524,6 +530,47 @@ fn one() -> u32 {
     1
 }
 
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServersSection {
+    #[serde(default)]
+    servers: Vec<ServerEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerEntry {
+    url: String,
+    #[serde(default)]
+    max_concurrent_requests: u32,
+}
+
+impl ServersSection {
+    /// The servers as backends, each named after its `host:port`.
+    fn into_backends(self) -> Result<Vec<BackendConfig>, ConfigError> {
+        let mut backends = Vec::new();
+        for (i, server) in self.servers.into_iter().enumerate() {
+            let key = format!("servers.servers[{i}].url");
+            let url =
+                crate::backends::BackendUrl::parse(&server.url).map_err(|m| invalid(&key, m))?;
+            let name = url.authority().to_string();
+            if backends.iter().any(|b: &BackendConfig| b.name == name) {
+                return Err(invalid(key, format!("`{name}` is listed twice")));
+            }
+            backends.push(BackendConfig {
+                name,
+                url: server.url,
+                models: Vec::new(),
+                max_concurrent_requests: server.max_concurrent_requests,
+                weight: 1,
+                api_key: None,
+                health_path: None,
+            });
+        }
+        Ok(backends)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
@@ -608,10 +655,13 @@ impl Config {
 
     /// Parses TOML text without validating it.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             file: PathBuf::from("<config>"),
             message: e.to_string(),
-        })
+        })?;
+        let servers = std::mem::take(&mut config.servers).into_backends()?;
+        config.backends.extend(servers);
+        Ok(config)
     }
 
     /// Checks what the types cannot: uniqueness, URLs, ranges, modules.
@@ -649,7 +699,7 @@ impl Config {
         if self.backends.is_empty() {
             return Err(invalid(
                 "backends",
-                "at least one [[backends]] entry is required",
+                "at least one [[backends]] entry (or [servers] servers = [...]) is required",
             ));
         }
         let mut names = HashSet::new();
@@ -1017,6 +1067,58 @@ mod tests {
             e.contains("policies[0].module") && e.contains("model-router"),
             "{e}"
         );
+    }
+
+    /// vllm-router's servers.toml (seed 001), unchanged.
+    #[test]
+    fn a_vllm_router_servers_file_is_read_as_backends() {
+        let c = Config::parse(
+            r#"
+            [servers]
+            servers = [
+                { url = "http://gpu-server-1:8081", max_concurrent_requests = 8 },
+                { url = "http://backup-server-1:8081" },
+            ]
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let seen: Vec<(&str, u32, bool)> = c
+            .backends
+            .iter()
+            .map(|b| {
+                (
+                    b.name.as_str(),
+                    b.max_concurrent_requests,
+                    b.models.is_empty(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("gpu-server-1:8081", 8, true),
+                ("backup-server-1:8081", 0, true)
+            ]
+        );
+        let both = Config::parse(&format!(
+            "{MINIMAL}
+[servers]
+servers = [{{ url = \"http://10.0.0.2:8000\" }}]"
+        ))
+        .unwrap();
+        assert_eq!(both.backends.len(), 2);
+
+        let e = error_of("[servers]\nservers = [{ url = \"http://a:1\" }, { url = \"ftp://b\" }]");
+        assert!(e.contains("servers.servers[1].url"), "{e}");
+        let e =
+            error_of("[servers]\nservers = [{ url = \"http://a:1\" }, { url = \"http://a:1/\" }]");
+        assert!(
+            e.contains("servers.servers[1].url") && e.contains("twice"),
+            "{e}"
+        );
+        let e = error_of("[servers]\nservers = [{ url = \"http://a:1\", weight = 2 }]");
+        assert!(e.contains("weight"), "{e}");
     }
 
     #[test]

@@ -102,17 +102,23 @@ def test_001_servers_toml_failover_and_recovery(mocks, gateway):
     # Slow enough that 8 parallel requests overlap on 2 + 2 slots.
     s1 = mocks("server-1", [MODEL_001], first_token_ms=50, token_interval_ms=20, answer_tokens=10)
     s2 = mocks("server-2", [MODEL_001], first_token_ms=50, token_interval_ms=20, answer_tokens=10)
+    # The article's servers.toml, as written (no names, no model lists: the
+    # servers are named by address and asked for their models).
     gw = gateway('[health_check]\ninterval = "200ms"\nunhealthy_after = 1\nhealthy_after = 1\n\n'
-                 + backend_toml("server-1", s1.url, [MODEL_001], max_concurrent_requests=2)
-                 + backend_toml("server-2", s2.url, [MODEL_001], max_concurrent_requests=2))
+                 '[servers]\n'
+                 'servers = [\n'
+                 f'    {{ url = "{s1.url}", max_concurrent_requests = 2 }},\n'
+                 f'    {{ url = "{s2.url}", max_concurrent_requests = 2 }},\n'
+                 ']\n')
+    n1, n2 = (srv.url.split("://", 1)[1].rstrip("/") for srv in (s1, s2))
     client = openai_client(gw)
 
     # /health: every server, with its limits and state.
     status, body = wait_until(lambda: (h := health(gw)) and all(
         b["last_check"] is not None for b in h[1].get("backends", [])) and h, 10, what="first probes")
     assert status == 200 and body["status"] == "ok", body
-    assert sorted(b["name"] for b in body["backends"]) == ["server-1", "server-2"]
-    for b, srv in ((backend_health(body, "server-1"), s1), (backend_health(body, "server-2"), s2)):
+    assert sorted(b["name"] for b in body["backends"]) == sorted([n1, n2])
+    for b, srv in ((backend_health(body, n1), s1), (backend_health(body, n2), s2)):
         assert b["healthy"] is True
         assert b["url"].rstrip("/") == srv.url
         assert b["max_concurrent"] == 2
@@ -123,7 +129,7 @@ def test_001_servers_toml_failover_and_recovery(mocks, gateway):
 
     # The guide's load script: many parallel requests, every one succeeds,
     # and no server ever has more than its 2 in flight.
-    peak = {"server-1": 0, "server-2": 0}
+    peak = {n1: 0, n2: 0}
     queued_seen = 0
     done = threading.Event()
 
@@ -143,31 +149,31 @@ def test_001_servers_toml_failover_and_recovery(mocks, gateway):
     finally:
         done.set()
         watcher.join(timeout=10)
-    assert Counter(b for b, _, _ in results).keys() == {"server-1", "server-2"}
-    assert peak["server-1"] <= 2 and peak["server-2"] <= 2, peak
+    assert Counter(b for b, _, _ in results).keys() == {n1, n2}
+    assert peak[n1] <= 2 and peak[n2] <= 2, peak
     assert max(peak.values()) == 2, peak
     assert queued_seen > 0, "8 parallel requests on 4 slots never queued"
 
     # docker stop vllm-server-1
     s1.kill()
-    _, body = wait_until(lambda: (h := health(gw)) and not backend_health(h[1], "server-1")["healthy"] and h,
+    _, body = wait_until(lambda: (h := health(gw)) and not backend_health(h[1], n1)["healthy"] and h,
                          5, what="server-1 marked unhealthy")
     status, body = health(gw)
     assert status == 200 and body["status"] == "ok", body  # server-2 still serves
-    down = backend_health(body, "server-1")
+    down = backend_health(body, n1)
     assert down["healthy"] is False
     assert isinstance(down["last_error"], str) and down["last_error"], down
-    assert backend_health(body, "server-2")["healthy"] is True
+    assert backend_health(body, n2)["healthy"] is True
 
     # Requests still succeed, all on server-2.
     results = run_parallel(lambda i: chat_backend(client, MODEL_001), 20, threads=4)
-    assert {b for b, _, _ in results} == {"server-2"}
+    assert {b for b, _, _ in results} == {n2}
 
     # docker start vllm-server-1: recovers by itself.
     s1.start()
-    wait_until(lambda: backend_health(health(gw)[1], "server-1")["healthy"], 5, what="server-1 healthy again")
+    wait_until(lambda: backend_health(health(gw)[1], n1)["healthy"], 5, what="server-1 healthy again")
     results = run_parallel(lambda i: chat_backend(client, MODEL_001), 30, threads=4)
-    assert "server-1" in {b for b, _, _ in results}, "server-1 got no traffic after recovering"
+    assert n1 in {b for b, _, _ in results}, "server-1 got no traffic after recovering"
 
     # Both down: /health says unavailable with 503, requests get 503.
     s1.kill()
