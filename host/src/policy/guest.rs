@@ -53,12 +53,13 @@ pub const STDERR_CAPACITY: usize = 4096;
 
 /// The per-call state of one guest instance.
 pub struct GuestState {
-    wasi: WasiCtx,
+    /// Built on the guest's first WASI call: most calls make none, and the
+    /// context (random sources, clocks, pipes) costs allocations per call.
+    wasi: Option<(WasiCtx, MemoryOutputPipe)>,
     table: ResourceTable,
     pub memory: MemoryCap,
     /// Set when the epoch callback interrupted the guest for its timeout.
     pub timed_out: bool,
-    pub stderr: MemoryOutputPipe,
     pub fleet: Arc<Fleet>,
     pub headers: Arc<HeaderMap>,
     pub body: Bytes,
@@ -80,16 +81,11 @@ pub struct CallContext {
 
 impl GuestState {
     pub fn new(context: CallContext, memory_limit: usize, max_body_bytes: usize) -> GuestState {
-        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
-        // Locked down: no preopened files, no environment, no arguments,
-        // sockets denied; stderr captured (bounded) to explain panics.
-        let wasi = WasiCtx::builder().stderr(stderr.clone()).build();
         GuestState {
-            wasi,
+            wasi: None,
             table: ResourceTable::new(),
             memory: MemoryCap::new(memory_limit),
             timed_out: false,
-            stderr,
             fleet: context.fleet,
             headers: context.headers,
             body: context.body,
@@ -140,10 +136,26 @@ impl GuestState {
     }
 }
 
+impl GuestState {
+    /// What the guest wrote to stderr (its panic message, usually).
+    pub fn stderr(&self) -> bytes::Bytes {
+        match &self.wasi {
+            Some((_, stderr)) => stderr.contents(),
+            None => bytes::Bytes::new(),
+        }
+    }
+}
+
 impl WasiView for GuestState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
+        let (ctx, _) = self.wasi.get_or_insert_with(|| {
+            // Locked down: no preopened files, no environment, no arguments,
+            // sockets denied; stderr captured (bounded) to explain panics.
+            let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
+            (WasiCtx::builder().stderr(stderr.clone()).build(), stderr)
+        });
         WasiCtxView {
-            ctx: &mut self.wasi,
+            ctx,
             table: &mut self.table,
         }
     }

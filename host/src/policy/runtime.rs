@@ -377,9 +377,7 @@ fn guest_error(
     } else {
         kind
     };
-    let stderr = String::from_utf8_lossy(&state.stderr.contents())
-        .trim()
-        .to_string();
+    let stderr = String::from_utf8_lossy(&state.stderr()).trim().to_string();
     let detail = if stderr.is_empty() {
         format!("{error:#}")
     } else {
