@@ -115,8 +115,9 @@ def dockerfile_rules(text: str, report) -> tuple[dict, str]:
         report(f"Dockerfile: base image {image} is pinned to a version tag or digest (not latest/stable)", pinned)
     build, final = stages[0], stages[-1]
     build_runs = " ".join(rest for w, rest in build["ins"] if w == "RUN")
-    report("Dockerfile: the build stage adds the wasm32-wasip2 target (host/build.rs builds the bundled policies)",
-          "rustup target add wasm32-wasip2" in build_runs)
+    report("Dockerfile: the build stage adds the wasm32-wasip2 and wasm32-unknown-unknown targets (host/build.rs builds the guests)",
+          re.search(r"rustup target add\b[^&;]*\bwasm32-wasip2\b", build_runs) is not None
+          and re.search(r"rustup target add\b[^&;]*\bwasm32-unknown-unknown\b", build_runs) is not None)
     report("Dockerfile: cargo build --release --locked builds the sluice binary",
           re.search(r"cargo build --release --locked\b.*-p sluice", build_runs) is not None, build_runs)
     users = [rest for w, rest in final["ins"] if w == "USER"]

@@ -24,8 +24,8 @@ seconds="${FUZZ_SECONDS:-20}"
 targets="${FUZZ_TARGETS:-request_body sse_parser config stream_filter decision}"
 jobs="${FUZZ_JOBS:-1}"
 
-# The host's build script compiles the bundled policies for wasm32-wasip2.
-rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
+# The host's build script compiles the guests for both wasm targets.
+rustup target add wasm32-wasip2 wasm32-unknown-unknown >/dev/null 2>&1 || true
 if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install --locked cargo-fuzz --version 0.13.2
 fi

@@ -5,6 +5,6 @@
 # go to scripts/soak.py (e.g. --minutes 5). Results in soak-results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rustup target add wasm32-wasip2 >/dev/null
+rustup target add wasm32-wasip2 wasm32-unknown-unknown >/dev/null
 cargo build --release -p sluice
 exec python3 scripts/soak.py "$@"

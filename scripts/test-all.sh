@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-rustup target add wasm32-wasip2
+rustup target add wasm32-wasip2 wasm32-unknown-unknown
 python3 -c "import prometheus_client" 2>/dev/null \
   || python3 -m pip install --quiet --disable-pip-version-check prometheus_client
 command -v redis-server >/dev/null || bash scripts/apt-install.sh redis-server
