@@ -117,13 +117,14 @@ fn apply(gateway: &Gateway, running: &Config, next: Config, why: &str) {
         ("policies", differs(&running.policies, &next.policies)),
         ("auth", differs(&running.auth, &next.auth)),
         ("limits", differs(&running.limits, &next.limits)),
+        ("workers", differs(&running.workers, &next.workers)),
     ];
     for (section, changed) in needs_restart {
         if changed {
-            let hint = if section == "policies" {
-                "deploy policies through the admin API (`sluice policy deploy`); the file's [[policies]] seed the chain at first start"
-            } else {
-                "takes effect at the next restart"
+            let hint = match section {
+                "policies" => "deploy policies through the admin API (`sluice policy deploy`); the file's [[policies]] seed the chain at first start",
+                "workers" => "a worker's module is replaced live with PUT /admin/workers/NAME; its route, hosts, env and bounds take effect at the next restart",
+                _ => "takes effect at the next restart",
             };
             tracing::warn!(
                 section,

@@ -69,6 +69,33 @@ async fn a_spin_worker_answers_on_its_route_next_to_the_openai_api() {
     assert_eq!(listing[0]["name"], "tools", "{listing}");
     assert_eq!(listing[0]["kind"], "wasi:http/handler@0.3", "{listing}");
     assert_eq!(listing[0]["version"], 1, "{listing}");
+
+    // A worker's bounds changed in the file: reloading says they wait for
+    // a restart (only modules are replaced live), and the worker serves on.
+    let path = sluice.dir.0.join("sluice.toml");
+    let config = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        config.replace("route = \"/tools/*\"", "route = \"/tools/*\"\ntimeout = \"5s\""),
+    )
+    .unwrap();
+    std::process::Command::new("kill")
+        .args(["-HUP", &sluice.pid().to_string()])
+        .status()
+        .unwrap();
+    let asked = std::time::Instant::now();
+    while !sluice.log().contains("PUT /admin/workers/NAME") {
+        assert!(
+            asked.elapsed() < std::time::Duration::from_secs(5),
+            "no warning about the changed [[workers]]: {}",
+            sluice.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        get(&client, &sluice.url("/tools/hello")).await,
+        (200, "hello from spin".into())
+    );
 }
 
 /// Outbound HTTP reaches the listed host and nothing else: the refused
