@@ -117,8 +117,7 @@ fn nested_build(root: &Path, target_dir: &Path, target: &str, packages: &[&str])
 /// custom section) into a component, as `wasm-tools component new` does.
 fn componentize(from: &Path, to: &Path, package: &str) {
     let file = format!("{}.wasm", package.replace('-', "_"));
-    let module =
-        std::fs::read(from.join(&file)).unwrap_or_else(|e| panic!("reading {file}: {e}"));
+    let module = std::fs::read(from.join(&file)).unwrap_or_else(|e| panic!("reading {file}: {e}"));
     let component = wit_component::ComponentEncoder::default()
         .module(&module)
         .and_then(|encoder| encoder.validate(true).encode())

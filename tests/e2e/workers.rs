@@ -76,7 +76,10 @@ async fn a_spin_worker_answers_on_its_route_next_to_the_openai_api() {
     let config = std::fs::read_to_string(&path).unwrap();
     std::fs::write(
         &path,
-        config.replace("route = \"/tools/*\"", "route = \"/tools/*\"\ntimeout = \"5s\""),
+        config.replace(
+            "route = \"/tools/*\"",
+            "route = \"/tools/*\"\ntimeout = \"5s\"",
+        ),
     )
     .unwrap();
     std::process::Command::new("kill")
