@@ -378,14 +378,7 @@ async fn two_replicas_share_one_limit_through_redis() {
     assert!(used > 0 && used < 500, "{answer}");
     let settled = Instant::now();
     loop {
-        let consumers: Value = client
-            .get(b.admin_url("/admin/consumers"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let consumers = get_json(&client, &b.admin_url("/admin/consumers")).await;
         let fred = consumers
             .as_array()
             .unwrap()
