@@ -204,7 +204,9 @@ pub trait Policy: Sized + 'static {
     /// what was held back last time followed by the new chunk's text, and
     /// the host keeps the last `response_holdback` characters of what you
     /// return for the next call; `last` is true on the final call. Called
-    /// only when [`Policy::hooks`] sets `response_holdback`.
+    /// only when [`Policy::hooks`] sets `response_holdback`. The calls for
+    /// one answer may run on one instance or on fresh ones: keep no state
+    /// between them.
     ///
     /// ```
     /// use sluice_guest::{Endpoint, Hooks, Policy, Request, TextDecision};

@@ -14,7 +14,7 @@ use http::HeaderMap;
 use sluice::config::{BackendConfig, PolicyConfig, PolicyRuntimeConfig};
 use sluice::fleet::Fleet;
 use sluice::openai::{Endpoint, RequestHead};
-use sluice::policy::{Chain, Filtered, PolicyRequest, Runtime};
+use sluice::policy::{Chain, Filtered, KeptInstances, PolicyRequest, Runtime};
 
 fn backend(name: &str, models: &[&str]) -> BackendConfig {
     BackendConfig {
@@ -141,20 +141,42 @@ fn main() -> anyhow::Result<()> {
             let route = tokio
                 .block_on(chain.decide(&runtime, &fleet, request(0)))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let (median, best, n) = measure(&tokio, || {
-                let filtered = chain.filter_text(
-                    &runtime,
-                    &fleet,
-                    &route,
-                    0,
-                    "kazumiro0 the quick brown".into(),
-                    false,
-                );
-                async move {
-                    assert!(matches!(filtered.await, Filtered::Text(_)));
-                }
-            });
-            println!("response phase, {label}: median {median:.0} ns/chunk, best {best:.0} ns ({n} x 1000)");
+            // A fresh instance per chunk (the first chunk of every answer,
+            // or every chunk when no room is left to keep one), then one
+            // kept across an answer's chunks.
+            for kept_across in [false, true] {
+                let answer = std::cell::RefCell::new(KeptInstances::default());
+                let (median, best, n) = measure(&tokio, || {
+                    let (chain, runtime, fleet, route, answer) =
+                        (&chain, &runtime, &fleet, &route, &answer);
+                    async move {
+                        let mut kept = if kept_across {
+                            answer.take()
+                        } else {
+                            KeptInstances::default()
+                        };
+                        let filtered = chain
+                            .filter_text(
+                                runtime,
+                                fleet,
+                                route,
+                                &mut kept,
+                                0,
+                                "kazumiro0 the quick brown".into(),
+                                false,
+                            )
+                            .await;
+                        assert!(matches!(filtered, Filtered::Text(_)));
+                        answer.replace(kept);
+                    }
+                });
+                let how = if kept_across {
+                    "kept instance"
+                } else {
+                    "fresh instance"
+                };
+                println!("response phase ({how}), {label}: median {median:.0} ns/chunk, best {best:.0} ns ({n} x 1000)");
+            }
         }
     }
     Ok(())

@@ -21,7 +21,7 @@ use crate::body::Body;
 use crate::errors::GatewayError;
 use crate::fleet::Fleet;
 use crate::openai::Endpoint;
-use crate::policy::{Chain, Filtered, Route, Runtime};
+use crate::policy::{Chain, Filtered, KeptInstances, Route, Runtime};
 use crate::proxy::Answer;
 use crate::sse;
 
@@ -47,9 +47,23 @@ impl Filter {
         self.route.info.endpoint == Endpoint::ChatCompletions
     }
 
-    async fn text(&self, choice: u32, text: String, last: bool) -> Filtered {
+    async fn text(
+        &self,
+        kept: &mut KeptInstances,
+        choice: u32,
+        text: String,
+        last: bool,
+    ) -> Filtered {
         self.chain
-            .filter_text(&self.runtime, &self.fleet, &self.route, choice, text, last)
+            .filter_text(
+                &self.runtime,
+                &self.fleet,
+                &self.route,
+                kept,
+                choice,
+                text,
+                last,
+            )
             .await
     }
 
@@ -90,6 +104,7 @@ impl Filter {
             envelope: None,
             done: false,
             acct,
+            kept: KeptInstances::default(),
         };
         let mut next = first;
         loop {
@@ -219,7 +234,10 @@ impl Filter {
                 continue;
             }
             let original_len = text.len();
-            match self.text(index, text.clone(), finished).await {
+            match self
+                .text(&mut state.kept, index, text.clone(), finished)
+                .await
+            {
                 Filtered::Text(filtered) => {
                     if filtered.len() != original_len || filtered != text {
                         state.acct.filtered();
@@ -261,7 +279,7 @@ impl Filter {
             .unwrap_or_else(|| serde_json::json!({}));
         let mut out = Vec::new();
         for (index, text) in std::mem::take(&mut state.pending) {
-            match self.text(index, text, true).await {
+            match self.text(&mut state.kept, index, text, true).await {
                 Filtered::Text(release) if release.is_empty() => {}
                 Filtered::Text(release) => {
                     let mut chunk = envelope.clone();
@@ -319,6 +337,7 @@ impl Filter {
             return Ok(Response::from_parts(parts, Body::full(bytes)));
         };
         let chat = self.chat();
+        let mut kept = KeptInstances::default();
         let count = answer["choices"].as_array().map_or(0, Vec::len);
         for i in 0..count {
             let choice = &mut answer["choices"][i];
@@ -334,7 +353,7 @@ impl Filter {
             let Some(text) = field.as_str().map(str::to_string) else {
                 continue;
             };
-            match self.text(index, text, true).await {
+            match self.text(&mut kept, index, text, true).await {
                 Filtered::Text(filtered) => {
                     *text_field_whole(&mut answer["choices"][i], chat) = Value::String(filtered)
                 }
@@ -355,6 +374,8 @@ struct StreamState {
     done: bool,
     /// Finishes (on drop) when the relay ends, however it ends.
     acct: Accounting,
+    /// The response hooks' instances, kept from chunk to chunk.
+    kept: KeptInstances,
 }
 
 fn envelope_of(chunk: &Value) -> Value {

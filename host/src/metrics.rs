@@ -85,6 +85,7 @@ pub struct Metrics {
     in_flight: Family<BackendLabels, Gauge>,
     healthy: Family<BackendLabels, Gauge>,
     limit_store_errors: Counter,
+    kept_instances: Gauge,
     usage_sync_errors: Counter,
     usage_shipped: Counter,
     usage_copied: Counter,
@@ -165,6 +166,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "1 when the backend is in rotation",
         healthy.clone(),
     );
+    let kept_instances = Gauge::default();
+    registry.register(
+        "sluice_policy_kept_instances",
+        "Response-hook instances kept alive across the chunks of answers being streamed now",
+        kept_instances.clone(),
+    );
     let limit_store_errors = Counter::default();
     registry.register(
         "sluice_limit_store_errors",
@@ -209,6 +216,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     Metrics {
         registry,
         limit_store_errors,
+        kept_instances,
         usage_sync_errors,
         usage_shipped,
         usage_copied,
@@ -239,6 +247,15 @@ impl Metrics {
                 phase,
             })
             .observe(took.as_secs_f64());
+    }
+
+    /// One more (`true`) or one fewer kept response-hook instance.
+    pub fn kept_instance(&self, alive: bool) {
+        if alive {
+            self.kept_instances.inc();
+        } else {
+            self.kept_instances.dec();
+        }
     }
 
     pub fn limit_store_error(&self) {

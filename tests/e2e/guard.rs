@@ -513,6 +513,85 @@ async fn a_trapping_response_filter_ends_the_stream_cleanly() {
     );
 }
 
+/// The value of an unlabelled metric in the text exposition.
+fn gauge(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{metrics}"))
+}
+
+/// A streamed answer's response hook runs on one instance kept from chunk
+/// to chunk (and freed when the answer ends). Each call still has its own
+/// timeout: this guest works ~2 ms per chunk, the stream lasts ten times
+/// the timeout, and no call is cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_response_instance_times_each_call_on_its_own() {
+    let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 15, 40)).await;
+    let sluice = Sluice::start(
+        &misbehaving(
+            &vm01.url(),
+            "fail-closed",
+            "[policy_runtime]\ntimeout = \"60ms\"\n",
+        )
+        .replace(
+            "on_error = \"fail-closed\"",
+            "on_error = \"fail-closed\"\nconfig = { response = \"stop\", response_work = 2 }",
+        ),
+    );
+    let client = client();
+    let response = sluice.post_chat(&client, &stream_chat("m")).await;
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    let mut text = String::new();
+    let mut kept_mid_stream = None;
+    while let Some(chunk) = stream.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+        if kept_mid_stream.is_none() && events(&text).len() > 10 {
+            let metrics = get_text(&client, &sluice.url("/metrics")).await;
+            kept_mid_stream = Some(gauge(&metrics, "sluice_policy_kept_instances"));
+        }
+    }
+    let events = events(&text);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{text}");
+    assert!(!text.contains("error"), "{text}");
+    assert!(content(&events).ends_with("the quick brown fox"), "{text}");
+    assert_eq!(kept_mid_stream, Some(1.0));
+    let metrics = get_text(&client, &sluice.url("/metrics")).await;
+    assert_eq!(gauge(&metrics, "sluice_policy_kept_instances"), 0.0);
+    assert!(
+        !metrics.contains("sluice_policy_failures_total{"),
+        "{metrics}"
+    );
+}
+
+/// A kept instance is replaced after its share of calls: a 600-chunk stream
+/// goes through three of them and every phrase in it is still masked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_stream_is_filtered_whole_across_kept_instances() {
+    let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 1, 600)).await;
+    let sluice = Sluice::start(&format!(
+        "{}{}{ROUTER}",
+        backend("vm01", &vm01.url(), &["m"], ""),
+        words_policy(r#"{ words = ["quick brown"], scope = "response", action = "mask" }"#)
+    ));
+    let text = sluice
+        .post_chat(&client(), &stream_chat("m"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let events = events(&text);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let answer = content(&events);
+    assert_eq!(answer.matches("***********").count(), 75, "{answer}");
+    assert!(!answer.contains("quick"), "{answer}");
+    assert!(
+        answer.ends_with("lazy dogs the *********** fox"),
+        "{answer}"
+    );
+}
+
 /// A component built against the frozen 0.1.0 contract still loads and
 /// routes (it picks the last backend serving the model).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

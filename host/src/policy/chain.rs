@@ -16,7 +16,7 @@ use super::contract::{
 };
 use super::guest::CallContext;
 use super::runtime::Pre;
-use super::{builtin, FailureKind, PolicyError, Runtime};
+use super::{builtin, FailureKind, KeptInstances, PolicyError, Runtime};
 use crate::backends::Backend;
 use crate::config::{OnError, PolicyConfig};
 use crate::errors::GatewayError;
@@ -329,24 +329,36 @@ impl Chain {
     }
 
     /// Runs `text` through every response filter in order: each sees what
-    /// the one before released.
+    /// the one before released. `kept` holds the answer's instances from
+    /// one call to the next.
+    #[allow(clippy::too_many_arguments)]
     pub async fn filter_text(
         &self,
         runtime: &Runtime,
         fleet: &Arc<Fleet>,
         route: &Route,
+        kept: &mut KeptInstances,
         choice: u32,
         mut text: String,
         last: bool,
     ) -> Filtered {
-        for policy in self
+        for (index, policy) in self
             .policies()
             .filter(|p| p.hooks.response_holdback.is_some())
+            .enumerate()
         {
-            let state = runtime.state(context(fleet, policy, &route.headers, &route.body));
+            let state = || runtime.state(context(fleet, policy, &route.headers, &route.body));
             let started = Instant::now();
             let decision = runtime
-                .on_response_text(&policy.pre, state, &route.info, choice, &text, last)
+                .on_response_text_kept(
+                    &policy.pre,
+                    kept.place(index),
+                    state,
+                    &route.info,
+                    choice,
+                    &text,
+                    last,
+                )
                 .await;
             metrics().policy_call(&policy.name, "response", started.elapsed());
             match decision {

@@ -60,6 +60,9 @@ pub struct GuestState {
     pub memory: MemoryCap,
     /// Set when the epoch callback interrupted the guest for its timeout.
     pub timed_out: bool,
+    /// When the current call began: its timeout counts from here (an
+    /// instance kept across calls starts each call afresh).
+    pub call_started: std::time::Instant,
     pub fleet: Arc<Fleet>,
     pub headers: Arc<HeaderMap>,
     pub body: Bytes,
@@ -86,6 +89,7 @@ impl GuestState {
             table: ResourceTable::new(),
             memory: MemoryCap::new(memory_limit),
             timed_out: false,
+            call_started: std::time::Instant::now(),
             fleet: context.fleet,
             headers: context.headers,
             body: context.body,
@@ -166,18 +170,24 @@ impl WasiView for GuestState {
 pub struct MemoryCap {
     limit: usize,
     pub hit: bool,
+    /// Bytes the guest's memories grew by since instantiation.
+    pub grown: usize,
 }
 
 impl MemoryCap {
     pub fn new(limit: usize) -> MemoryCap {
-        MemoryCap { limit, hit: false }
+        MemoryCap {
+            limit,
+            hit: false,
+            grown: 0,
+        }
     }
 }
 
 impl ResourceLimiter for MemoryCap {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
@@ -185,6 +195,7 @@ impl ResourceLimiter for MemoryCap {
             self.hit = true;
             wasmtime::bail!("guest memory limit of {} bytes reached", self.limit);
         }
+        self.grown += desired.saturating_sub(current);
         Ok(true)
     }
 

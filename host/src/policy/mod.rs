@@ -5,6 +5,7 @@ pub mod builtin;
 mod chain;
 pub mod contract;
 mod guest;
+mod kept;
 pub(crate) mod runtime;
 mod snapshot;
 
@@ -16,6 +17,7 @@ pub use chain::{
     PolicyRequest, PolicySpec, Route, Shadow, ShadowExample, ShadowStats, Target,
 };
 pub use guest::{MemoryCap, HIDDEN_HEADERS};
+pub use kept::KeptInstances;
 pub use runtime::Runtime;
 
 /// How a policy call failed. Callers branch on it: the policy's `on_error`

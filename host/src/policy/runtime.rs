@@ -94,10 +94,13 @@ macro_rules! in_instance {
 pub struct Runtime {
     engine: Engine,
     linker: Linker<GuestState>,
-    timeout: Duration,
+    pub(super) timeout: Duration,
     pub(crate) memory_limit: usize,
     pub(crate) max_body_bytes: usize,
     stop_ticker: Arc<AtomicBool>,
+    /// Room for instances kept across one answer's response calls (see
+    /// [`super::kept`]): half the pool, the rest stays for fresh calls.
+    pub(super) kept: Arc<tokio::sync::Semaphore>,
 }
 
 impl Runtime {
@@ -148,6 +151,9 @@ impl Runtime {
             memory_limit,
             max_body_bytes: usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX),
             stop_ticker,
+            kept: Arc::new(tokio::sync::Semaphore::new(
+                usize::try_from(instances / 2).unwrap_or(0).max(1),
+            )),
         })
     }
 
@@ -162,15 +168,21 @@ impl Runtime {
     /// spends queued after a yield, waiting for a busy executor to run it
     /// again, is not charged to it: on a saturated core that wait, not the
     /// guest, failed requests. [`WALL_CAP`] timeouts still end any call.
-    fn store(&self, state: GuestState, timeout: Duration) -> Store<GuestState> {
+    pub(super) fn store(&self, state: GuestState, timeout: Duration) -> Store<GuestState> {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);
-        let started = Instant::now();
+        let mut started = store.data().call_started;
         let mut queued = Duration::ZERO;
         let mut last_yield: Option<(Instant, Duration, Arc<Resumed>)> = None;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |mut store| {
             let now = Instant::now();
+            if store.data().call_started != started {
+                // A kept instance began another call: its own clock.
+                started = store.data().call_started;
+                queued = Duration::ZERO;
+                last_yield = None;
+            }
             if let Some((yielded, pause, resumed)) = last_yield.take() {
                 let away = resumed.at().saturating_sub(yielded - started);
                 queued += away.saturating_sub(pause);
@@ -364,7 +376,7 @@ fn v2_contract(component: &Component, engine: &Engine) -> &'static str {
 
 /// Names what went wrong in a guest call: the memory cap, the timeout, or a
 /// trap, with the guest's own stderr (panic messages) for the log.
-fn guest_error(
+pub(super) fn guest_error(
     store: &Store<GuestState>,
     kind: FailureKind,
     error: wasmtime::Error,

@@ -10,13 +10,14 @@
 //!
 //! Configuration (all optional):
 //! ```toml
-//! config = { fail_init = true, response = "trap", always = "trap" }
+//! config = { fail_init = true, response = "trap", always = "trap", response_work = 2 }
 //! ```
 //! `fail_init` makes `init` refuse the policy. `always` is the behaviour
 //! used when the request has no `x-misbehave` header (so even the host's
 //! trial request misbehaves). `response` (`"trap"`,
 //! `"loop"` or `"stop"`) turns on the response hook, which does that when
-//! the answer's text contains "boom".
+//! the answer's text contains "boom". `response_work` makes every response
+//! call first do that many units of work (about a millisecond each).
 
 use std::hint::black_box;
 
@@ -32,6 +33,8 @@ struct Config {
     fail_init: bool,
     response: Option<OnBoom>,
     always: Option<String>,
+    #[serde(default)]
+    response_work: u64,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -45,6 +48,7 @@ enum OnBoom {
 struct Misbehave {
     response: Option<OnBoom>,
     always: Option<String>,
+    response_work: u64,
 }
 
 impl Policy for Misbehave {
@@ -57,6 +61,7 @@ impl Policy for Misbehave {
         Ok(Misbehave {
             response: config.response,
             always: config.always,
+            response_work: config.response_work,
         })
     }
 
@@ -96,6 +101,7 @@ impl Policy for Misbehave {
         text: &str,
         _last: bool,
     ) -> TextDecision {
+        busy(self.response_work);
         if !text.contains("boom") {
             return TextDecision::Pass;
         }
