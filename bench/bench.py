@@ -972,8 +972,9 @@ def render(bench: Bench, meta) -> str:
       "at run time, and stops them all at the end. Sources: `bench/run.sh`, `bench/bench.py`, "
       "`tests/mockgpu/`.")
     w("")
-    w("**Read with care.** This machine has 2 cores and was shared: another engineer was compiling and "
-      "running tests on it during this run. Measured from `/proc/stat` minus our own processes, other "
+    w("**Read with care.** This machine is a 2-core VM on a shared host: load from outside the VM does "
+      "not show in its `/proc/stat` and can slow a whole run (the same binary has measured 2x apart within "
+      "an hour). Measured from `/proc/stat` minus our own processes, other "
       f"work used on average **{meta['foreign_mean']:.0%}** of the machine (up to {meta['foreign_max']:.0%}) "
       f"during the measured cells; load average {meta['loadavg_start']} at the start, {meta['loadavg_end']} "
       "at the end. Compare paths within this run (they alternate, round-robin, so noise spreads over all of "
