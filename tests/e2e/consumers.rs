@@ -409,10 +409,7 @@ async fn two_replicas_share_one_limit_through_redis() {
     );
     for replica in [&a, &b] {
         let metrics = get_text(&client, &replica.url("/metrics")).await;
-        let errors = metrics
-            .lines()
-            .find_map(|line| line.strip_prefix("sluice_limit_store_errors_total "))
-            .and_then(|value| value.trim().parse::<f64>().ok());
+        let errors = metric(&metrics, "sluice_limit_store_errors_total");
         assert!(
             errors.is_some_and(|n| n >= 1.0),
             "the outage was not counted: {errors:?}"

@@ -513,14 +513,6 @@ async fn a_trapping_response_filter_ends_the_stream_cleanly() {
     );
 }
 
-/// The value of an unlabelled metric in the text exposition.
-fn gauge(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{metrics}"))
-}
-
 /// A streamed answer's response hook runs on one instance kept from chunk
 /// to chunk (and freed when the answer ends). Each call still has its own
 /// timeout: this guest works ~2 ms per chunk, the stream lasts ten times
@@ -549,7 +541,7 @@ async fn a_kept_response_instance_times_each_call_on_its_own() {
         text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
         if kept_mid_stream.is_none() && events(&text).len() > 10 {
             let metrics = get_text(&client, &sluice.url("/metrics")).await;
-            kept_mid_stream = Some(gauge(&metrics, "sluice_policy_kept_instances"));
+            kept_mid_stream = metric(&metrics, "sluice_policy_kept_instances");
         }
     }
     let events = events(&text);
@@ -558,7 +550,7 @@ async fn a_kept_response_instance_times_each_call_on_its_own() {
     assert!(content(&events).ends_with("the quick brown fox"), "{text}");
     assert_eq!(kept_mid_stream, Some(1.0));
     let metrics = get_text(&client, &sluice.url("/metrics")).await;
-    assert_eq!(gauge(&metrics, "sluice_policy_kept_instances"), 0.0);
+    assert_eq!(metric(&metrics, "sluice_policy_kept_instances"), Some(0.0));
     assert!(
         !metrics.contains("sluice_policy_failures_total{"),
         "{metrics}"

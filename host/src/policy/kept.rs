@@ -50,11 +50,6 @@ impl KeptInstances {
         }
         &mut self.0[index]
     }
-
-    /// How many instances are alive.
-    pub fn alive(&self) -> usize {
-        self.0.iter().filter(|k| k.is_some()).count()
-    }
 }
 
 impl Runtime {
