@@ -13,7 +13,7 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use sluice::config::BackendConfig;
 use sluice::fleet::Fleet;
-use sluice::openai::{Endpoint, RequestHead};
+use sluice::api::openai::{Endpoint, RequestHead};
 use sluice::policy::contract::{Decision, RejectSpec, TargetSpec};
 use sluice::policy::{check_decision, PolicyRequest};
 

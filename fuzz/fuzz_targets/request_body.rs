@@ -1,11 +1,11 @@
-//! The request body reader and rewriters (`sluice::openai`): whatever the
+//! The request body reader and rewriters (`sluice::api::openai`): whatever the
 //! bytes, `RequestHead::parse` answers (never panics), and a body it accepts
 //! can be rewritten — model replaced, `stream_options.include_usage` added —
 //! into a body that parses again to the same head with only that changed.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sluice::openai::{with_include_usage, with_model, RequestHead};
+use sluice::api::openai::{with_include_usage, with_model, RequestHead};
 
 const NEW_MODEL: &str = "fuzz\"mod\\el\u{e9}\u{1F600}";
 

@@ -1,11 +1,11 @@
-//! The backend stream splitter (`sluice::sse::Parser`): the same bytes cut
+//! The backend stream splitter (`sluice::api::sse::Parser`): the same bytes cut
 //! at arbitrary places (UTF-8 sequences and `\r\n` pairs included) give the
 //! same events as in one piece, no byte is lost or invented, and every
 //! event's `data` is what its `data:` lines say.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sluice::sse::{Event, Parser};
+use sluice::api::sse::{Event, Parser};
 
 /// The first bytes of an input: sizes of the pieces the rest (the stream)
 /// is cut into, cycled; 0 counts as 1. The rest is the stream as is, so a

@@ -1,4 +1,4 @@
-//! The stream relay (`sluice::filter::Filter::stream`) as the server runs it:
+//! The stream relay (`sluice::dataplane::filter::Filter::stream`) as the server runs it:
 //! a backend's SSE answer arrives over a real HTTP/1.1 connection cut into
 //! arbitrary pieces (inside events, inside `\r\n`, inside UTF-8 sequences)
 //! and goes through the response hooks of `builtin:sensitive-words`
@@ -20,14 +20,14 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
-use sluice::accounting::{Accounting, Ledger};
+use sluice::dataplane::accounting::{Accounting, Ledger};
 use sluice::config::{BackendConfig, OnError, PolicyConfig, PolicyRuntimeConfig};
-use sluice::filter::Filter;
+use sluice::dataplane::filter::Filter;
 use sluice::fleet::Fleet;
-use sluice::openai::Endpoint;
+use sluice::api::openai::Endpoint;
 use sluice::policy::contract::RequestInfo;
 use sluice::policy::{Chain, Route, Runtime};
-use sluice::proxy::Answer;
+use sluice::dataplane::forward::Answer;
 use tokio::io::AsyncWriteExt;
 
 /// What the text is made of: words to mask, their halves, case variants,
@@ -181,7 +181,7 @@ fn chunk(content: Option<&str>, finish: Option<&str>) -> String {
 /// The text of the chunks of a relayed stream, and how many `[DONE]`s
 /// it has (and whether one is last).
 fn read_output(bytes: &[u8]) -> (String, usize, bool, bool) {
-    let mut parser = sluice::sse::Parser::default();
+    let mut parser = sluice::api::sse::Parser::default();
     let mut events = parser
         .push(bytes)
         .expect("the relay wrote an oversized event");
@@ -373,7 +373,7 @@ fuzz_target!(
     } else {
         // Byte for byte, less the usage chunk the gateway asked for.
         let mut expected = Vec::new();
-        let mut parser = sluice::sse::Parser::default();
+        let mut parser = sluice::api::sse::Parser::default();
         for event in parser.push(&original).unwrap() {
             let usage = event
                 .data
@@ -381,7 +381,7 @@ fuzz_target!(
                 .and_then(|d| serde_json::from_str::<Value>(d).ok())
                 .is_some_and(|c| c["usage"].is_object());
             if event.data.as_deref() == Some("[DONE]") {
-                expected.extend_from_slice(sluice::sse::DONE);
+                expected.extend_from_slice(sluice::api::sse::DONE);
             } else if !(usage && input.strip_usage) {
                 expected.extend_from_slice(&event.raw);
             }

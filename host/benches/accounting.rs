@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use sluice::accounting::{Accounting, Ledger};
+use sluice::dataplane::accounting::{Accounting, Ledger};
 use sluice::usage::{UsageStore, WriterOptions};
 
 /// A streamed answer of `tokens` chunks and a usage chunk, as vLLM sends it.

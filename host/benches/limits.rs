@@ -9,9 +9,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sluice::accounts::consumers::{hash_key, Consumers, Identity};
+use sluice::accounts::limits::Limiter;
 use sluice::config::{ConsumerConfig, LimitsConfig};
-use sluice::consumers::{hash_key, Consumers, Identity};
-use sluice::limits::Limiter;
 
 fn consumer() -> ConsumerConfig {
     ConsumerConfig {

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::HeaderMap;
+use sluice::api::openai::{Endpoint, RequestHead};
 use sluice::config::{BackendConfig, PolicyConfig, PolicyRuntimeConfig};
 use sluice::fleet::Fleet;
-use sluice::openai::{Endpoint, RequestHead};
 use sluice::policy::{Chain, Filtered, KeptInstances, PolicyRequest, Runtime};
 
 fn backend(name: &str, models: &[&str]) -> BackendConfig {

@@ -1,43 +1,35 @@
 //! Sluice: an OpenAI-compatible gateway for self-hosted GPU fleets whose
 //! routing decisions are WebAssembly components.
 //!
-//! The modules follow a request: [`server`] accepts it, [`openai`] reads
-//! what routing needs, [`policy`] runs the guest chain, [`fleet`] and
-//! [`backends`] hold the backends, their limits and health ([`health`]
-//! probes them, [`reload`] applies config changes), [`proxy`] forwards and
-//! streams the answer.
+//! Folders show the architecture, and imports run one way, from the top of
+//! this list to the bottom (no module imports one above it):
+//!
+//! - [`tools`]: the developer tools — demo, mock GPU engine, replay,
+//!   scaffold, the admin API's command-line client.
+//! - [`control`]: the control plane — admin API, hot deploys, config reload,
+//!   operator console.
+//! - [`dataplane`]: a request's life, as named steps ([`dataplane::server`]
+//!   accepts it; authenticate → admit → route → forward → respond → log).
+//! - [`workers`]: edge workers, `wasi:http` components mounted on routes.
+//! - [`policy`]: the policy engine — the guest chain and its contract.
+//! - [`accounts`]: consumers, their keys and limits. [`usage`]: the usage
+//!   ledger (SQLite, shared between replicas through Redis).
+//! - [`fleet`]: the backends, their live state, health and statistics.
+//! - [`api`]: what the gateway knows of the APIs it speaks (OpenAI bodies,
+//!   server-sent events, token counts).
+//! - [`metrics`], [`problem`], [`text`], [`config`], [`bundled`]: shared at
+//!   the bottom.
 
-pub mod accounting;
-pub mod admin;
-pub mod admin_client;
-pub mod backends;
-pub mod body;
+pub mod accounts;
+pub mod api;
+pub mod bundled;
 pub mod config;
-pub mod console;
-pub mod consumers;
-pub mod demo;
-pub mod deploy;
-pub mod errors;
-pub mod filter;
+pub mod control;
+pub mod dataplane;
 pub mod fleet;
-pub mod health;
-pub mod limits;
 pub mod metrics;
-pub mod mock;
-pub mod openai;
 pub mod policy;
-pub mod proxy;
-pub mod recording;
-pub mod relay;
-pub mod reload;
-pub mod replay;
-pub mod request_body;
-pub mod scaffold;
-pub mod server;
-pub mod sse;
-pub mod stats;
-pub mod tokens;
-pub mod upstream_error;
+pub mod problem;
+pub mod text;
+pub mod tools;
 pub mod usage;
-pub mod usage_sync;
-pub mod workers;

@@ -10,11 +10,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use http::Method;
-use sluice::admin::Admin;
-use sluice::admin_client::AdminClient;
 use sluice::config::Config;
-use sluice::mock::{Flavor, MockBackend, MockConfig};
-use sluice::{demo, server};
+use sluice::control::admin::Admin;
+use sluice::dataplane::server;
+use sluice::tools::admin_client::AdminClient;
+use sluice::tools::demo;
+use sluice::tools::mock::{Flavor, MockBackend, MockConfig};
 
 #[derive(Parser)]
 #[command(
@@ -214,7 +215,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 config.server.listen = listen;
             }
             if let Some(admin_listen) = admin_listen {
-                config.server.admin_listen = admin_listen;
+                config.server.admin_listen = Some(admin_listen);
             }
             serve(config, path, admin_token).await
         }
@@ -224,8 +225,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             action,
         } => {
             if let PolicyAction::New { name, dir, sdk } = &action {
-                let sdk = sdk.clone().unwrap_or_else(sluice::scaffold::default_sdk);
-                let root = sluice::scaffold::create(name, dir, &sdk)?;
+                let sdk = sdk
+                    .clone()
+                    .unwrap_or_else(sluice::tools::scaffold::default_sdk);
+                let root = sluice::tools::scaffold::create(name, dir, &sdk)?;
                 println!(
                     "created {root}\n  cd {root}\n  cargo test\n  cargo build --target wasm32-wasip2 --release\n  sluice policy deploy {name} target/wasm32-wasip2/release/{file}.wasm",
                     root = root.display(),
@@ -249,7 +252,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     .with_context(|| format!("{}: not JSON", path.display()))?,
                     None => serde_json::json!({}),
                 };
-                let (decisions, differences) = sluice::replay::run(
+                let (decisions, differences) = sluice::tools::replay::run(
                     &Default::default(),
                     module,
                     config,
@@ -331,14 +334,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             // Check the file's own policies, and write nothing next to it.
             config.policy_store.state_dir = None;
             config.usage.disabled = true;
-            let gateway = server::Gateway::new(&config).await?;
+            let node = sluice::control::Node::start(&config).await?;
+            let gateway = &node.gateway;
             println!(
                 "{}: ok ({} backends, {} models, policies: {})",
                 path.display(),
                 gateway.fleet.load().backends().len(),
                 gateway.fleet.load().models().len(),
-                gateway
-                    .deployer
+                node.deployer
                     .chain()
                     .load()
                     .policies()
@@ -349,9 +352,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::NewKey => {
-            let key = sluice::consumers::new_key().context("reading /dev/urandom")?;
+            let key = sluice::accounts::consumers::new_key().context("reading /dev/urandom")?;
             println!("key: {key}");
-            println!("key_hashes = [{:?}]", sluice::consumers::hash_key(&key));
+            println!(
+                "key_hashes = [{:?}]",
+                sluice::accounts::consumers::hash_key(&key)
+            );
             Ok(())
         }
         Command::HashKey { key } => {
@@ -364,7 +370,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
             };
             anyhow::ensure!(!key.is_empty(), "no key given");
-            println!("{}", sluice::consumers::hash_key(&key));
+            println!("{}", sluice::accounts::consumers::hash_key(&key));
             Ok(())
         }
         Command::Demo { listen } => demo::run(listen, shutdown_signal()).await,
@@ -410,7 +416,10 @@ async fn serve(
         (None, None) => None,
     }
     .filter(|t| !t.is_empty());
-    let admin_addr = config.server.admin_listen;
+    let admin_addr = config
+        .server
+        .admin_listen
+        .unwrap_or(sluice::config::DEFAULT_ADMIN_LISTEN);
     if token.is_none() && !admin_addr.ip().is_loopback() {
         anyhow::bail!(
             "server.admin_listen: {admin_addr} is not a loopback address, and no admin token is set \
@@ -421,30 +430,43 @@ async fn serve(
         tracing::warn!(%admin_addr, "no admin token configured: the admin API is open to local processes only");
     }
 
-    let gateway = server::Gateway::new(&config).await?;
+    let node = sluice::control::Node::start(&config).await?;
+    let gateway = node.gateway.clone();
     gateway.checker.start().await;
-    tokio::spawn(sluice::reload::watch(path, gateway.clone(), config.clone()));
+    tokio::spawn(sluice::control::reload::watch(
+        path,
+        gateway.clone(),
+        config.clone(),
+    ));
     let listener = server::bind(config.server.listen).await?;
-    let admin_listener = server::bind(admin_addr).await?;
+    let admin_listener = match server::bind(admin_addr).await {
+        Ok(listener) => listener,
+        // Not asked for: a second gateway on this host still starts, with
+        // its admin API on a free port (printed below).
+        Err(e) if config.server.admin_listen.is_none() => {
+            tracing::warn!(error = %e, "the default admin address is taken; the admin API listens on a free loopback port instead");
+            server::bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).await?
+        }
+        Err(e) => return Err(e),
+    };
     let usage = gateway.ledger.store.clone();
     let admin = Arc::new(Admin {
-        deployer: gateway.deployer.clone(),
+        deployer: node.deployer.clone(),
         token,
         usage: usage.clone(),
         gateway: gateway.clone(),
-        feed: sluice::console::start_feed(gateway.fleet.clone()),
+        feed: sluice::control::console::start_feed(gateway.fleet.clone()),
     });
     if let Some(dir) = config.policy_store.watch_dir.clone() {
         tokio::spawn(
-            gateway
-                .deployer
+            node.deployer
                 .clone()
                 .watch(dir, config.policy_store.watch_interval),
         );
     }
     if config.policy_store.state_dir.is_some() && !config.policy_store.sync_interval.is_zero() {
         let interval = config.policy_store.sync_interval;
-        tokio::spawn(gateway.deployer.clone().follow(interval));
+        tokio::spawn(node.deployer.clone().follow(interval));
         tokio::spawn(gateway.consumers.clone().follow(interval));
     }
     announce("admin listening", admin_listener.local_addr()?);

@@ -12,8 +12,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::policy::FailureKind;
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyLabels {
     pub policy: String,
@@ -235,6 +233,20 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     }
 });
 
+/// What the metrics count of one finished request (its usage record's
+/// figures; labels are the answering model, backend and consumer).
+pub struct Finished<'a> {
+    pub model_answered: Option<&'a str>,
+    pub backend: Option<&'a str>,
+    pub consumer: Option<&'a str>,
+    pub status: u16,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub ttft_ms: Option<f64>,
+    pub latency_ms: f64,
+    pub tokens_per_second: Option<f64>,
+}
+
 pub fn metrics() -> &'static Metrics {
     &METRICS
 }
@@ -303,14 +315,9 @@ impl Metrics {
             .inc();
     }
 
-    pub fn policy_failure(&self, policy: &str, kind: FailureKind) {
-        let kind = match kind {
-            FailureKind::Timeout => "timeout",
-            FailureKind::MemoryLimit => "memory_limit",
-            FailureKind::Trap => "trap",
-            FailureKind::InvalidDecision => "invalid_decision",
-            FailureKind::Unavailable => "unavailable",
-        };
+    /// A policy call that failed; `kind` is one of the policy engine's
+    /// fixed failure labels.
+    pub fn policy_failure(&self, policy: &str, kind: &'static str) {
         self.policy_failures
             .get_or_create(&PolicyFailureLabels {
                 policy: policy.to_string(),
@@ -320,12 +327,9 @@ impl Metrics {
     }
 
     /// One finished request.
-    pub fn request(&self, record: &crate::usage::UsageRecord) {
-        let model = record
-            .model_answered
-            .clone()
-            .unwrap_or_else(|| "none".into());
-        let backend = record.backend.clone().unwrap_or_default();
+    pub fn request(&self, record: &Finished<'_>) {
+        let model = record.model_answered.unwrap_or("none").to_string();
+        let backend = record.backend.unwrap_or_default().to_string();
         self.requests
             .get_or_create(&RequestLabels {
                 model: model.clone(),
@@ -333,7 +337,7 @@ impl Metrics {
                 status: record.status,
             })
             .inc();
-        let consumer = record.consumer.clone().unwrap_or_default();
+        let consumer = record.consumer.unwrap_or_default().to_string();
         for (kind, count) in [
             ("prompt", record.prompt_tokens),
             ("completion", record.completion_tokens),
@@ -361,20 +365,15 @@ impl Metrics {
         }
     }
 
-    /// The text exposition format, with the fleet's gauges read now.
-    pub fn render_with(&self, fleet: &crate::fleet::Fleet) -> String {
-        for b in fleet.backends() {
-            let labels = BackendLabels {
-                backend: b.name.to_string(),
-            };
-            self.in_flight
-                .get_or_create(&labels)
-                .set(i64::from(b.in_flight()));
-            self.healthy
-                .get_or_create(&labels)
-                .set(i64::from(b.is_healthy()));
-        }
-        self.render()
+    /// A backend's gauges as read now (set just before a scrape renders).
+    pub fn backend(&self, backend: &str, in_flight: u32, healthy: bool) {
+        let labels = BackendLabels {
+            backend: backend.to_string(),
+        };
+        self.in_flight
+            .get_or_create(&labels)
+            .set(i64::from(in_flight));
+        self.healthy.get_or_create(&labels).set(i64::from(healthy));
     }
 
     /// The text exposition format.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use sluice::mock::Flavor;
+use sluice::tools::mock::Flavor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -196,7 +196,7 @@ async fn until_slots_free(client: &reqwest::Client, sluice: &Sluice, name: &str,
 }
 
 /// Polls until the mock has nothing in flight; panics after `limit`.
-async fn until_mock_idle(stats: &sluice::mock::MockStats, limit: Duration) {
+async fn until_mock_idle(stats: &sluice::tools::mock::MockStats, limit: Duration) {
     let start = Instant::now();
     while stats.in_flight.load(Ordering::SeqCst) != 0 {
         assert!(
@@ -1072,7 +1072,10 @@ const FAKE_MODELS: &[&str] = &[
 
 const MASK: &str = "[[policies]]\nname = \"words\"\nmodule = \"builtin:sensitive-words\"\nconfig = { words = [\"secret\"], action = \"mask\", scope = \"response\" }\n[[policies]]\nname = \"router\"\nmodule = \"builtin:model-router\"\n";
 
-async fn misbehaving_fleet(huge: u64, guard: &str) -> (Fake, sluice::mock::MockBackend, Sluice) {
+async fn misbehaving_fleet(
+    huge: u64,
+    guard: &str,
+) -> (Fake, sluice::tools::mock::MockBackend, Sluice) {
     let fake = misbehaving_backend(huge).await;
     let ok = mock("ok", &["ok"]).await;
     let sluice = Sluice::start(&format!(
@@ -1373,7 +1376,7 @@ async fn no_key_token_or_prompt_reaches_the_log() {
              [[policies]]\nname = \"words\"\nmodule = \"builtin:sensitive-words\"\n\
              config = {{ words = [\"forbidden\"], action = \"block\" }}\n\
              [[policies]]\nname = \"router\"\nmodule = \"builtin:model-router\"\n{}{}",
-            sluice::consumers::hash_key("sk-canary-right-5e1f"),
+            sluice::accounts::consumers::hash_key("sk-canary-right-5e1f"),
             backend("ok", &ok.url(), &["ok"], ""),
             backend("dead", "http://127.0.0.1:9", &["dead"], ""),
         ),

@@ -118,7 +118,7 @@ async fn recorded_traffic_replays_offline_and_pins_decisions() {
         "[auth]\nrequired = true\n[[consumers]]\nname = \"alice\"\nkey_hashes = [{:?}]\n\
          [recording]\npath = \"recorded.jsonl\"\nsample = 1.0\nmax_body_bytes = \"2KiB\"\n{}{}\
          [[policies]]\nname = \"pin\"\nmodule = {:?}\nconfig = {{ default = \"vm01\" }}\n",
-        sluice::consumers::hash_key("sk-rec-secret"),
+        sluice::accounts::consumers::hash_key("sk-rec-secret"),
         backend("vm01", &vm01.url(), &["m"], ""),
         backend("vm02", &vm02.url(), &["m"], ""),
         test_guest("pin-backend"),

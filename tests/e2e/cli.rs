@@ -122,3 +122,66 @@ fn serve_without_a_config_says_so() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/sluice.toml"));
 }
+
+/// Starts `sluice serve` on a free data-plane port and no `--admin-listen`,
+/// and returns the child and the addresses it printed.
+fn serve_with_default_admin(config: &std::path::Path) -> (std::process::Child, String, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .env_remove("SLUICE_ADMIN_LISTEN")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting sluice");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut admin = String::new();
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("admin listening on http://") {
+                admin = addr.to_string();
+            }
+            if let Some(addr) = line.strip_prefix("sluice listening on http://") {
+                let _ = tx.send((addr.to_string(), admin.clone()));
+            }
+        }
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok((addr, admin)) => (child, addr, admin),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("sluice did not start while the default admin port was taken");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_second_gateway_starts_when_the_default_admin_port_is_taken() {
+    // Whoever holds 127.0.0.1:8081 (this test, or anything else on the
+    // machine), a gateway that was not asked for that port must start.
+    let _holder = std::net::TcpListener::bind("127.0.0.1:8081");
+    let vm01 = mock("vm01", &["m"]).await;
+    let dir = TempDir::new();
+    let config = dir.write("sluice.toml", backend("vm01", &vm01.url(), &["m"], ""));
+    let (mut child, addr, admin) = serve_with_default_admin(&config);
+    let client = client();
+    let answer = client
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .json(&chat("m"))
+        .send()
+        .await
+        .unwrap();
+    let policies = client
+        .get(format!("http://{admin}/admin/policies"))
+        .send()
+        .await
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(answer.status(), 200, "the data plane serves");
+    assert!(!admin.ends_with(":8081"), "admin moved off the taken port: {admin}");
+    assert_eq!(policies.status(), 200, "the admin API answers on {admin}");
+}

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
-use sluice::consumers::hash_key;
+use sluice::accounts::consumers::hash_key;
 
 use crate::common::*;
 
@@ -206,7 +206,14 @@ async fn the_admin_api_creates_rotates_and_disables_consumers() {
 /// admission keep the total within one request's reservation of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_limit_holds_under_a_hundred_concurrent_requests() {
-    let vm01 = mock_with(paced("vm01", &["m"], sluice::mock::Flavor::Vllm, 5, 16)).await;
+    let vm01 = mock_with(paced(
+        "vm01",
+        &["m"],
+        sluice::tools::mock::Flavor::Vllm,
+        5,
+        16,
+    ))
+    .await;
     const LIMIT: u64 = 400;
     let sluice = Sluice::start(&format!(
         "{}{}",

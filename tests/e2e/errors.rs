@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::json;
-use sluice::mock::Flavor;
+use sluice::tools::mock::Flavor;
 
 use crate::common::*;
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use sluice::mock::{MockBackend, MockConfig};
+use sluice::tools::mock::{MockBackend, MockConfig};
 
 use crate::common::*;
 
@@ -554,8 +554,22 @@ async fn sighup_reloads_the_file() {
 /// in flight there and those handed its freed slot move to the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_full_backend_loses_no_queued_request() {
-    let vm01 = mock_with(paced("vm01", &["m"], sluice::mock::Flavor::Vllm, 20, 10)).await;
-    let vm02 = mock_with(paced("vm02", &["m"], sluice::mock::Flavor::Vllm, 20, 10)).await;
+    let vm01 = mock_with(paced(
+        "vm01",
+        &["m"],
+        sluice::tools::mock::Flavor::Vllm,
+        20,
+        10,
+    ))
+    .await;
+    let vm02 = mock_with(paced(
+        "vm02",
+        &["m"],
+        sluice::tools::mock::Flavor::Vllm,
+        20,
+        10,
+    ))
+    .await;
     let sluice = Sluice::start(&format!(
         "[health_check]\nenabled = false\n{}{}",
         backend("vm01", &vm01.url(), &["m"], "max_concurrent_requests = 1"),

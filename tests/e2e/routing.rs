@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use serde_json::json;
-use sluice::mock::Flavor;
+use sluice::tools::mock::Flavor;
 
 use crate::common::*;
 

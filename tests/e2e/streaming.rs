@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use sluice::mock::Flavor;
+use sluice::tools::mock::Flavor;
 
 use crate::common::*;
 

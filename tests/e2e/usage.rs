@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use sluice::mock::Flavor;
+use sluice::tools::mock::Flavor;
 
 use crate::common::*;
 
@@ -138,9 +138,9 @@ async fn a_client_asking_for_usage_gets_it_when_the_backend_sends_none() {
             &before_done, usage,
             "the usage chunk is not the last before [DONE]"
         );
-        let expected = sluice::tokens::count_text("Hello from vm01. the quick brown fox");
+        let expected = sluice::api::tokens::count_text("Hello from vm01. the quick brown fox");
         assert_eq!(usage["usage"]["completion_tokens"], expected);
-        let prompt = sluice::tokens::count_prompt(&stream_chat("m"));
+        let prompt = sluice::api::tokens::count_prompt(&stream_chat("m"));
         assert_eq!(usage["usage"]["prompt_tokens"], prompt);
         assert_eq!(usage["usage"]["total_tokens"], prompt + expected);
 
@@ -164,11 +164,11 @@ async fn a_backend_without_usage_is_counted_with_a_tokenizer() {
     sluice.post_chat(&client, &body).await.text().await.unwrap();
     let totals = usage_totals(&client, &sluice).await;
     assert_eq!(totals["estimated_requests"], 1);
-    let expected = sluice::tokens::count_text("Hello from vm01. the quick brown fox");
+    let expected = sluice::api::tokens::count_text("Hello from vm01. the quick brown fox");
     assert_eq!(totals["completion_tokens"], expected);
     assert_eq!(
         totals["prompt_tokens"],
-        sluice::tokens::count_prompt(&chat("m"))
+        sluice::api::tokens::count_prompt(&chat("m"))
     );
 }
 

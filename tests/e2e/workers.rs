@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use sluice::mock::MockBackend;
+use sluice::tools::mock::MockBackend;
 
 fn worker(module: &str, extra: &str) -> String {
     format!(

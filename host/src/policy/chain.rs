@@ -16,13 +16,14 @@ use super::contract::{
 };
 use super::guest::CallContext;
 use super::runtime::Pre;
-use super::{builtin, FailureKind, KeptInstances, PolicyError, Runtime};
-use crate::backends::Backend;
+use super::{ChainError, FailureKind, KeptInstances, PolicyError, Runtime};
+use crate::api::openai::{Endpoint, RequestHead};
+use crate::bundled as builtin;
 use crate::config::{OnError, PolicyConfig};
-use crate::errors::GatewayError;
+use crate::fleet::backends::Backend;
 use crate::fleet::Fleet;
 use crate::metrics::metrics;
-use crate::openai::{Endpoint, RequestHead};
+use crate::problem::Problem;
 
 /// Bounds on what a decision may contain.
 const MAX_TARGETS: usize = 64;
@@ -104,14 +105,14 @@ impl Target {
 /// What the response filters made of a piece of text.
 pub enum Filtered {
     Text(String),
-    Stop(GatewayError),
+    Stop(ChainError),
 }
 
 enum Verdict {
     /// Hand on, with the edited head and body when the policy changed them.
     Pass(Option<(RequestHead, Bytes)>),
     Route(Vec<Target>),
-    Reject(GatewayError),
+    Reject(ChainError),
 }
 
 /// What to load: a component's bytes and how to run it.
@@ -250,7 +251,7 @@ impl Chain {
         runtime: &Arc<Runtime>,
         fleet: &Arc<Fleet>,
         mut request: PolicyRequest,
-    ) -> Result<Route, GatewayError> {
+    ) -> Result<Route, ChainError> {
         let mut idempotent = true;
         for entry in self.entries.iter().filter(|e| e.policy.hooks.request) {
             let policy = entry.policy.as_ref();
@@ -282,7 +283,7 @@ impl Chain {
                 Err(error) => skip_or_fail(policy, error)?,
             }
         }
-        Err(GatewayError::NoRoute {
+        Err(ChainError::NoRoute {
             model: request.head.model,
         })
     }
@@ -295,7 +296,7 @@ impl Chain {
         fleet: &Arc<Fleet>,
         route: &Route,
         failure: &AttemptFailure,
-    ) -> Result<FailureDecision, GatewayError> {
+    ) -> Result<FailureDecision, ChainError> {
         for policy in self.policies().filter(|p| p.hooks.failure) {
             let state = runtime.state(context(fleet, policy, &route.headers, &route.body));
             let started = Instant::now();
@@ -318,9 +319,9 @@ impl Chain {
         fleet: &Fleet,
         model: &str,
         targets: Vec<TargetSpec>,
-    ) -> Result<Vec<Target>, GatewayError> {
+    ) -> Result<Vec<Target>, ChainError> {
         resolve_targets(fleet, model, targets).map_err(|detail| {
-            GatewayError::Policy(PolicyError {
+            ChainError::Policy(PolicyError {
                 policy: "failure hook".into(),
                 kind: FailureKind::InvalidDecision,
                 detail,
@@ -384,7 +385,7 @@ impl Chain {
                 Ok(TextDecision::Stop(spec)) => {
                     return Filtered::Stop(
                         rejection(spec)
-                            .unwrap_or_else(|detail| GatewayError::Policy(invalid(policy, detail))),
+                            .unwrap_or_else(|detail| ChainError::Policy(invalid(policy, detail))),
                     );
                 }
                 Err(error) => {
@@ -400,8 +401,8 @@ impl Chain {
 
 /// Logs a policy failure; `Ok` when the policy is fail-open and can be
 /// skipped, the error to answer with when it is fail-closed.
-fn skip_or_fail(policy: &LoadedPolicy, error: PolicyError) -> Result<(), GatewayError> {
-    crate::metrics::metrics().policy_failure(&policy.name, error.kind);
+fn skip_or_fail(policy: &LoadedPolicy, error: PolicyError) -> Result<(), ChainError> {
+    crate::metrics::metrics().policy_failure(&policy.name, error.kind.label());
     tracing::warn!(policy = %error.policy, kind = ?error.kind, detail = %error.detail, on_error = ?policy.on_error, "policy failed");
     match policy.on_error {
         OnError::FailClosed => Err(error.into()),
@@ -643,7 +644,7 @@ fn resolve_targets(
         .collect()
 }
 
-fn rejection(r: RejectSpec) -> Result<GatewayError, String> {
+fn rejection(r: RejectSpec) -> Result<ChainError, String> {
     let status = StatusCode::from_u16(r.status)
         .ok()
         .filter(|s| s.is_client_error() || s.is_server_error())
@@ -667,7 +668,7 @@ fn rejection(r: RejectSpec) -> Result<GatewayError, String> {
         }
         message.truncate(end);
     }
-    Ok(GatewayError::Rejected {
+    Ok(ChainError::Rejected {
         status,
         message,
         code: r.code,
@@ -691,7 +692,7 @@ fn apply_edits(
     }
     if let Some(model) = model {
         let model = check_model(model)?;
-        new_body = crate::openai::with_model(&new_body, &model)
+        new_body = crate::api::openai::with_model(&new_body, &model)
             .map_err(|e| format!("edited model: {e}"))?;
         head.model = model;
     }

@@ -1,7 +1,7 @@
 //! The policy contract as the host sees it, independent of the WIT version
 //! a guest was built against: every versioned binding converts to these.
 
-use crate::openai::Endpoint;
+use crate::api::openai::Endpoint;
 
 /// What a policy sees of one request.
 #[derive(Debug, Clone)]

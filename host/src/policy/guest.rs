@@ -16,8 +16,8 @@ use super::contract::{
     AttemptFailure, AttemptFailureKind, Decision, FailureDecision, Hooks, RejectSpec, RequestInfo,
     TargetSpec, TextDecision,
 };
+use crate::api::openai::Endpoint;
 use crate::fleet::Fleet;
-use crate::openai::Endpoint;
 
 /// `sluice:policy@0.2.1`: the current contract (`wit/policy.wit`). It also
 /// serves 0.2.0 components: wasmtime matches `@0.2.0` names to `@0.2.1`
@@ -266,8 +266,8 @@ macro_rules! versioned {
             }
         }
 
-        impl From<&crate::backends::Backend> for $v::sluice::policy::types::Backend {
-            fn from(b: &crate::backends::Backend) -> Self {
+        impl From<&crate::fleet::backends::Backend> for $v::sluice::policy::types::Backend {
+            fn from(b: &crate::fleet::backends::Backend) -> Self {
                 $v::sluice::policy::types::Backend {
                     name: b.name.to_string(),
                     models: b.models().to_vec(),

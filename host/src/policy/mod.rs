@@ -1,7 +1,6 @@
 //! Running policies: the only module that touches wasmtime, so wasmtime's
 //! API churn lands here and nowhere else.
 
-pub mod builtin;
 mod chain;
 pub mod contract;
 mod guest;
@@ -36,6 +35,19 @@ pub enum FailureKind {
     Unavailable,
 }
 
+impl FailureKind {
+    /// The `kind` label of `sluice_policy_failures_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            FailureKind::Timeout => "timeout",
+            FailureKind::MemoryLimit => "memory_limit",
+            FailureKind::Trap => "trap",
+            FailureKind::InvalidDecision => "invalid_decision",
+            FailureKind::Unavailable => "unavailable",
+        }
+    }
+}
+
 impl fmt::Display for FailureKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -56,4 +68,40 @@ pub struct PolicyError {
     pub policy: Arc<str>,
     pub kind: FailureKind,
     pub detail: String,
+}
+
+/// Why the chain answered a request itself: a policy rejected it, failed
+/// with `on_error = "fail-closed"`, or none routed it.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    /// A policy answered with a rejection.
+    #[error("{message}")]
+    Rejected {
+        status: http::StatusCode,
+        message: String,
+        code: String,
+    },
+    /// A policy failed and its `on_error` is fail-closed.
+    #[error("{0}")]
+    Policy(#[from] PolicyError),
+    #[error("No policy in the chain routed this request for model `{model}`.")]
+    NoRoute { model: String },
+}
+
+impl crate::problem::Problem for ChainError {
+    fn status(&self) -> http::StatusCode {
+        match self {
+            ChainError::Rejected { status, .. } => *status,
+            ChainError::Policy(_) | ChainError::NoRoute { .. } => {
+                http::StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+    fn code(&self) -> &str {
+        match self {
+            ChainError::Rejected { code, .. } => code,
+            ChainError::Policy(_) => "policy_failed",
+            ChainError::NoRoute { .. } => "no_route",
+        }
+    }
 }

@@ -439,7 +439,7 @@ mod tests {
         let runtime = Runtime::new(&PolicyRuntimeConfig::default()).unwrap();
         let current = Component::new(
             &runtime.engine,
-            crate::policy::builtin::find("model-router").unwrap(),
+            crate::bundled::find("model-router").unwrap(),
         )
         .unwrap();
         let names: Vec<String> = current

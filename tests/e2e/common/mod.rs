@@ -8,7 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use sluice::mock::{Flavor, MockBackend, MockConfig};
+use sluice::tools::mock::{Flavor, MockBackend, MockConfig};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 

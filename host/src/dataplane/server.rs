@@ -1,0 +1,483 @@
+//! The data plane: accepts connections (HTTP/1.1 and h2c), reads and checks
+//! each request, runs the policy chain and hands the result to the proxy.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::accounts::consumers::{AuthError, Consumer, Consumers, Identity};
+use crate::accounts::limits::{Limiter, Ticket};
+use crate::api::openai::{self, Endpoint, RequestHead};
+use crate::config::Config;
+use crate::dataplane::accounting::{Accounting, Ledger};
+use crate::dataplane::body::Body;
+use crate::dataplane::errors::GatewayError;
+use crate::dataplane::filter::Filter;
+use crate::dataplane::forward::{Answer, Upstream};
+use crate::dataplane::recording::Recorder;
+use crate::dataplane::request_body::{self, BodyLimits};
+use crate::fleet::health::Checker;
+use crate::fleet::LiveFleet;
+use crate::policy::{Chain, PolicyRequest, Runtime};
+use crate::usage::{UsageStore, WriterOptions};
+use arc_swap::ArcSwap;
+
+/// Marks a request the console's playground sent through the admin
+/// listener: it is served under the admin token, not a consumer's key.
+#[derive(Clone, Copy)]
+pub struct Playground;
+
+/// Everything a request needs, shared by all connections.
+pub struct Gateway {
+    pub fleet: Arc<LiveFleet>,
+    pub checker: Checker,
+    pub runtime: Arc<Runtime>,
+    /// The live chain, swapped whole by deploys; a request loads it once.
+    chain: Arc<ArcSwap<Chain>>,
+    pub upstream: Upstream,
+    body_limits: BodyLimits,
+    pub ledger: Arc<Ledger>,
+    pub consumers: Arc<Consumers>,
+    pub limiter: Arc<Limiter>,
+    /// Edge workers mounted on routes (`[[workers]]`).
+    pub workers: Arc<crate::dataplane::workers::Workers>,
+    /// Samples requests for `sluice policy test` (`[recording]`).
+    recorder: Option<Recorder>,
+    next_id: AtomicU64,
+    started_at: u64,
+    /// False once shutdown began: `/ready` answers 503.
+    ready: std::sync::atomic::AtomicBool,
+}
+
+impl Gateway {
+    /// The data plane over a fleet and a live policy chain; the control
+    /// plane's `Node::start` builds both and keeps the deployer.
+    pub async fn new(
+        config: &Config,
+        fleet: Arc<LiveFleet>,
+        runtime: Arc<Runtime>,
+        chain: Arc<ArcSwap<Chain>>,
+    ) -> anyhow::Result<Arc<Gateway>> {
+        let store = match (&config.usage.database, config.usage.disabled) {
+            (Some(path), false) => Some(open_usage(path, &config.usage)?),
+            _ => None,
+        };
+        tokio::task::spawn_blocking(crate::api::tokens::warm_up);
+        let ledger = Arc::new(Ledger {
+            store,
+            access_log: config.usage.access_log,
+        });
+        let consumers = Arc::new(
+            Consumers::new(
+                config.auth.required,
+                &config.consumers,
+                config.policy_store.state_dir.as_deref(),
+            )
+            .context("consumers")?,
+        );
+        let limiter = Arc::new(Limiter::new(&config.limits)?);
+        let server = &config.server;
+        let workers = Arc::new(crate::dataplane::workers::Workers::new(
+            &config.workers,
+            config.policy_store.state_dir.as_deref(),
+            server.max_body_bytes,
+        )?);
+        Ok(Arc::new(Gateway {
+            workers,
+            consumers,
+            limiter,
+            checker: Checker::new(fleet.clone()),
+            fleet,
+            runtime,
+            chain,
+            upstream: Upstream::new(server, config.retry.clone()),
+            body_limits: BodyLimits {
+                max_bytes: server.max_body_bytes,
+                timeout: server.body_timeout,
+            },
+            ledger,
+            recorder: Recorder::start(&config.recording),
+            next_id: AtomicU64::new(1),
+            ready: std::sync::atomic::AtomicBool::new(true),
+            started_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        }))
+    }
+
+    /// Shutdown began: `/ready` turns 503 while requests are still served.
+    pub fn set_unready(&self) {
+        self.ready.store(false, Ordering::Relaxed);
+    }
+
+    /// Answers one request; never fails (errors become OpenAI-shaped bodies).
+    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        let path = request.uri().path();
+        if let Some(worker) = self.workers.route(path) {
+            return self
+                .workers
+                .serve(worker, request)
+                .await
+                .unwrap_or_else(GatewayError::into_response);
+        }
+        let method = request.method();
+        let result = match Endpoint::from_path(path) {
+            Some(endpoint) if method == Method::POST => self.proxy(endpoint, request).await,
+            Some(_) => Err(GatewayError::MethodNotAllowed {
+                method: method.clone(),
+                path: path.to_string(),
+            }),
+            None => match (method, path) {
+                (&Method::GET, "/v1/models") => Ok(json_response(&openai::model_list(
+                    &self.fleet.load().healthy_models(),
+                    self.started_at,
+                ))),
+                (&Method::GET, "/health") => {
+                    let (status, report) = crate::fleet::health::report(&self.fleet.load());
+                    let mut response = json_response(&report);
+                    *response.status_mut() = status;
+                    Ok(response)
+                }
+                (&Method::GET, "/ready") => {
+                    let ready = self.ready.load(Ordering::Relaxed);
+                    let mut response = json_response(&serde_json::json!({"ready": ready}));
+                    if !ready {
+                        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    Ok(response)
+                }
+                (&Method::GET, "/load-stats") => Ok(json_response(
+                    &crate::fleet::stats::load_stats(&self.fleet.load()),
+                )),
+                (&Method::GET, "/metrics") => {
+                    let metrics = crate::metrics::metrics();
+                    for b in self.fleet.load().backends() {
+                        metrics.backend(&b.name, b.in_flight(), b.is_healthy());
+                    }
+                    let text = metrics.render();
+                    let mut response = Response::new(Body::full(text));
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    );
+                    Ok(response)
+                }
+                _ => Err(GatewayError::NotFound(path.to_string())),
+            },
+        };
+        result.unwrap_or_else(GatewayError::into_response)
+    }
+
+    async fn proxy(
+        &self,
+        endpoint: Endpoint,
+        request: Request<Incoming>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let (parts, body) = request.into_parts();
+        let authorization = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let playground = parts.extensions.get::<Playground>().is_some();
+        let identity = if playground {
+            Ok(Identity::Anonymous)
+        } else {
+            self.consumers.identify(authorization)
+        };
+        let consumer = match identity {
+            Ok(Identity::Known(consumer)) => Some(consumer),
+            Ok(Identity::Anonymous) => None,
+            Err(e) => {
+                crate::metrics::metrics().refusal(
+                    match &e {
+                        AuthError::Disabled(name) => name,
+                        _ => "",
+                    },
+                    if matches!(e, AuthError::Disabled(_)) {
+                        "consumer_disabled"
+                    } else {
+                        "invalid_api_key"
+                    },
+                );
+                // Refusing mid-upload would reset the connection under the
+                // client, which then never sees the 401.
+                request_body::linger(&parts.headers, body, self.body_limits.max_bytes);
+                return Err(e.into());
+            }
+        };
+        let body = request_body::read(&parts.headers, body, self.body_limits).await?;
+        let head = RequestHead::parse(&body)?;
+        let ticket = match &consumer {
+            Some(c) => self.admit(c, endpoint, &head, &body).await?,
+            None => None,
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut acct = Accounting::start(
+            self.ledger.clone(),
+            id,
+            endpoint.name(),
+            &head.model,
+            head.stream,
+            consumer.as_ref().map(|c| c.name.clone()),
+            body.clone(),
+        );
+        acct.hold(ticket);
+        // The client's own stream options decide what it sees; the gateway
+        // asks for usage regardless, to count exactly, and strips it again.
+        let strip_usage = head.stream && endpoint != Endpoint::Embeddings && !head.include_usage;
+        if head.stream && head.include_usage && endpoint != Endpoint::Embeddings {
+            acct.client_wants_usage();
+        }
+        if let Some(recorder) = self.recorder.as_ref().filter(|r| r.samples(id)) {
+            recorder.record(
+                parts.uri.path(),
+                &parts.headers,
+                consumer.as_ref().map(|c| c.name.as_str()),
+                &head,
+                &body,
+            );
+        }
+        let request = PolicyRequest {
+            id,
+            endpoint,
+            path: parts.uri.path().to_string(),
+            head,
+            consumer: consumer.map(|c| c.name.clone()),
+            headers: Arc::new(parts.headers),
+            body,
+        };
+        let chain = self.chain.load_full();
+        let fleet = self.fleet.load();
+        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let answered = async {
+            let mut route = chain.decide(&self.runtime, &fleet, request).await?;
+            if strip_usage {
+                route.body = openai::with_include_usage(&route.body).map_err(|e| {
+                    GatewayError::bad_request(
+                        format!("The request body could not be rewritten: {e}."),
+                        "invalid_json",
+                    )
+                })?;
+            }
+            let answer = self
+                .upstream
+                .forward(&self.runtime, &fleet, &chain, path_and_query, &route)
+                .await?;
+            Ok::<_, GatewayError>((route, answer))
+        };
+        let (route, answer) = match answered.await {
+            Ok(answered) => answered,
+            Err(error) => {
+                acct.set_status(error.status().as_u16());
+                acct.finish();
+                return Err(error);
+            }
+        };
+        acct.answered(
+            &answer.backend.name,
+            &answer.model,
+            answer.parts.status.as_u16(),
+        );
+        let holdback = chain
+            .response_holdback()
+            .filter(|_| endpoint != Endpoint::Embeddings);
+        let relay = Filter {
+            runtime: self.runtime.clone(),
+            fleet,
+            chain,
+            route,
+            holdback,
+            strip_usage,
+        };
+        if !answer.parts.status.is_success() {
+            return Ok(crate::dataplane::upstream_error::respond(answer, acct).await);
+        }
+        if answer.is_event_stream() {
+            return Ok(relay.stream(answer, acct));
+        }
+        if holdback.is_some() && answer.parts.status.is_success() {
+            return relay.whole(answer, acct).await;
+        }
+        let Answer {
+            parts,
+            first,
+            incoming,
+            slot,
+            ..
+        } = answer;
+        Ok(Response::from_parts(
+            parts,
+            Body::backend(first, incoming, slot, acct),
+        ))
+    }
+}
+
+impl Gateway {
+    /// Checks the consumer may use the model and is within its limits, and
+    /// reserves its share of them.
+    async fn admit(
+        &self,
+        consumer: &Consumer,
+        endpoint: Endpoint,
+        head: &RequestHead,
+        body: &Bytes,
+    ) -> Result<Option<Ticket>, GatewayError> {
+        if !consumer.allows(&head.model) {
+            crate::metrics::metrics().refusal(&consumer.name, "model_not_allowed");
+            return Err(GatewayError::ModelNotAllowed {
+                consumer: consumer.name.clone(),
+                model: head.model.clone(),
+            });
+        }
+        let limits = &consumer.limits;
+        let tokens = if limits.tokens_per_minute.is_some() || limits.tokens_per_day.is_some() {
+            crate::accounts::limits::reservation(
+                body,
+                endpoint == Endpoint::Embeddings,
+                self.limiter.default_max_tokens,
+            )
+            .await
+        } else {
+            0
+        };
+        self.limiter
+            .admit(consumer, tokens)
+            .await
+            .map_err(|refusal| {
+                let code = match &refusal {
+                    crate::accounts::limits::Refusal::Limited { code, .. } => *code,
+                    crate::accounts::limits::Refusal::StoreDown(_) => "rate_limiter_unavailable",
+                };
+                crate::metrics::metrics().refusal(&consumer.name, code);
+                GatewayError::from(refusal)
+            })
+    }
+}
+
+fn json_response(value: &serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(Body::json(value));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, Body::JSON);
+    *response.status_mut() = StatusCode::OK;
+    response
+}
+
+/// Binds the listener, so the caller learns the real address (port 0 picks
+/// a free one) before serving starts.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))
+}
+
+/// How a listener treats its connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// On shutdown, how long open requests and streams may take to end.
+    pub drain: Duration,
+    /// Time a client has to send a request head (HTTP/1).
+    pub header_timeout: Duration,
+}
+
+/// Serves `handler` until `shutdown` resolves, then stops accepting and
+/// lets open requests and streams finish for up to `options.drain`.
+pub async fn serve<F, Fut>(
+    listener: TcpListener,
+    handler: F,
+    shutdown: impl Future<Output = ()>,
+    options: ServeOptions,
+) -> anyhow::Result<()>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let drain = options.drain;
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = service_fn(move |request| {
+            let response = handler(request);
+            async move { Ok::<_, std::convert::Infallible>(response.await) }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: draining open requests for up to {drain:?}");
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout reached; closing remaining connections");
+    }
+    Ok(())
+}
+
+/// The usage database, shared with the other replicas when
+/// `usage.redis_url` is set.
+fn open_usage(
+    path: &std::path::Path,
+    config: &crate::config::UsageConfig,
+) -> anyhow::Result<UsageStore> {
+    let options = WriterOptions {
+        replica: config.replica.clone(),
+        ..WriterOptions::default()
+    };
+    let store = UsageStore::open(path, options)
+        .with_context(|| format!("usage.database: opening {}", path.display()))?;
+    if let Some(url) = &config.redis_url {
+        store.share(crate::usage::sync::SyncOptions {
+            redis_url: url.clone(),
+            key: config.redis_key.clone(),
+            interval: config.sync_interval,
+            max_records: config.redis_max_records,
+            timeout: Duration::from_secs(2),
+        })?;
+        tracing::info!(
+            replica = store.replica(),
+            "usage records shared through Redis"
+        );
+    }
+    Ok(store)
+}

@@ -1,0 +1,455 @@
+//! Edge workers: `wasi:http` components mounted on routes next to the
+//! OpenAI API, the way Cloudflare Workers or Spin apps are — for the small
+//! HTTP services that live beside a model fleet (tool endpoints, webhooks,
+//! a status page).
+//!
+//! A worker is declared in `[[workers]]` (name, route, module, outbound
+//! allow-list); the admin API replaces its module under load
+//! (`PUT /admin/workers/NAME`) or rolls it back. A request in flight keeps
+//! the version it started with; the next one gets the new version. Deployed
+//! modules are kept in the state directory, so a restart serves them.
+
+pub mod outbound;
+mod sandbox;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use http::{header, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use sha2::{Digest as _, Sha256};
+use wasmtime_wasi_http::handler::{ExpirationError, ProxyHandler};
+
+use crate::config::WorkerConfig;
+use crate::dataplane::body::Body;
+use crate::dataplane::errors::GatewayError;
+pub use sandbox::Kind;
+use sandbox::{Bounds, Sandbox, Version};
+
+/// `/tools/*` → `/tools/` (the prefix and everything under it); an exact
+/// path is returned as is.
+
+/// One version of one worker, mounted on its route.
+pub struct Mounted {
+    pub name: String,
+    pub route: String,
+    /// What a path must start with (or equal, for an exact route).
+    prefix: String,
+    exact: bool,
+    pub kind: Kind,
+    pub version: u64,
+    pub sha256: String,
+    config: WorkerConfig,
+    bytes: Arc<[u8]>,
+    handler: ProxyHandler<Version>,
+    /// What a rollback returns to.
+    previous: Option<Arc<Mounted>>,
+}
+
+impl Mounted {
+    fn matches(&self, path: &str) -> bool {
+        if self.exact {
+            path == self.prefix
+        } else {
+            path.starts_with(&self.prefix) || path == self.prefix.trim_end_matches('/')
+        }
+    }
+
+    /// This version again, numbered `version`, remembering `previous` for
+    /// a rollback (without its own history: one step back is kept).
+    fn as_version(&self, version: u64, previous: Option<&Mounted>) -> Mounted {
+        Mounted {
+            name: self.name.clone(),
+            route: self.route.clone(),
+            prefix: self.prefix.clone(),
+            exact: self.exact,
+            kind: self.kind,
+            version,
+            sha256: self.sha256.clone(),
+            config: self.config.clone(),
+            bytes: self.bytes.clone(),
+            handler: self.handler.clone(),
+            previous: previous.map(|p| Arc::new(p.as_version(p.version, None))),
+        }
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "route": self.route,
+            "kind": self.kind.name(),
+            "version": self.version,
+            "sha256": self.sha256,
+            "allowed_hosts": self.config.allowed_hosts,
+            "timeout_ms": self.config.timeout.as_millis() as u64,
+            "memory_limit": self.config.memory_limit,
+            "can_roll_back": self.previous.is_some(),
+        })
+    }
+}
+
+/// Every mounted worker; empty (and no engine) when none is configured.
+pub struct Workers {
+    sandbox: Option<Sandbox>,
+    /// Per worker name, across its versions: bounds the instances alive.
+    permits: std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>,
+    mounted: ArcSwap<Vec<Arc<Mounted>>>,
+    /// One deploy or rollback at a time.
+    deploys: tokio::sync::Mutex<()>,
+    dir: Option<PathBuf>,
+    max_body_bytes: u64,
+}
+
+impl Workers {
+    /// Compiles every configured worker (or the version deployed to the
+    /// state directory since). Fails naming the worker at fault.
+    pub fn new(
+        configs: &[WorkerConfig],
+        state_dir: Option<&Path>,
+        max_body_bytes: u64,
+    ) -> anyhow::Result<Workers> {
+        let dir = state_dir.map(|d| d.join("workers"));
+        if configs.is_empty() {
+            return Ok(Workers {
+                sandbox: None,
+                permits: Default::default(),
+                mounted: ArcSwap::from_pointee(Vec::new()),
+                deploys: tokio::sync::Mutex::new(()),
+                dir,
+                max_body_bytes,
+            });
+        }
+        let sandbox = Sandbox::new()?;
+        let mut mounted = Vec::new();
+        for config in configs {
+            let saved = dir.as_ref().and_then(|d| saved(d, &config.name));
+            let (bytes, version) = match saved {
+                Some(saved) => saved,
+                None => {
+                    let bytes = std::fs::read(&config.module).with_context(|| {
+                        format!("workers `{}`: reading {}", config.name, config.module)
+                    })?;
+                    (bytes, 1)
+                }
+            };
+            let worker = mount(&sandbox, config, bytes.into(), version, None)
+                .with_context(|| format!("workers `{}`", config.name))?;
+            tracing::info!(
+                worker = config.name,
+                route = config.route,
+                kind = worker.kind.name(),
+                version,
+                "worker mounted"
+            );
+            mounted.push(Arc::new(worker));
+        }
+        // Longest prefix first, so /tools/admin/* wins over /tools/*.
+        mounted.sort_by_key(|w| std::cmp::Reverse(w.prefix.len()));
+        let permits = configs
+            .iter()
+            .map(|c| {
+                let permits = usize::try_from(c.max_concurrent_requests).unwrap_or(usize::MAX);
+                (
+                    c.name.clone(),
+                    Arc::new(tokio::sync::Semaphore::new(permits)),
+                )
+            })
+            .collect();
+        Ok(Workers {
+            sandbox: Some(sandbox),
+            permits,
+            mounted: ArcSwap::from_pointee(mounted),
+            deploys: tokio::sync::Mutex::new(()),
+            dir,
+            max_body_bytes,
+        })
+    }
+
+    /// The worker whose route covers `path`, if any.
+    pub fn route(&self, path: &str) -> Option<Arc<Mounted>> {
+        let mounted = self.mounted.load();
+        if mounted.is_empty() {
+            return None;
+        }
+        mounted.iter().find(|w| w.matches(path)).cloned()
+    }
+
+    pub fn list(&self) -> serde_json::Value {
+        let mounted = self.mounted.load();
+        serde_json::Value::Array(mounted.iter().map(|w| w.describe()).collect())
+    }
+
+    /// Passes one request to a fresh instance of `worker` and streams its
+    /// answer back. A worker that traps, runs out of memory or time gets an
+    /// OpenAI-shaped error; whatever it answers itself is passed on.
+    pub async fn serve(
+        &self,
+        worker: Arc<Mounted>,
+        request: Request<Incoming>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let permit = match self.permits.get(&worker.name) {
+            Some(permits) => Some(
+                tokio::time::timeout(Duration::from_secs(1), permits.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .ok_or_else(|| GatewayError::Worker {
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        code: "worker_busy",
+                        message: format!(
+                            "Worker `{}` is running its max_concurrent_requests ({}); retry later.",
+                            worker.name, worker.config.max_concurrent_requests
+                        ),
+                    })?,
+            ),
+            None => None,
+        };
+        let (mut parts, body) = request.into_parts();
+        // wasi:http wants an absolute URI; the Host header names us.
+        let authority = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("localhost")
+            .to_string();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(authority.as_str())
+            .path_and_query(path.as_str())
+            .build()
+            .map_err(|e| {
+                GatewayError::bad_request(format!("Bad request target: {e}."), "invalid_request")
+            })?;
+        let limit = self.max_body_bytes;
+        let body = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
+            .map_err(move |e| match e.downcast::<hyper::Error>() {
+                Ok(e) => wasmtime_wasi_http::Error::Hyper(*e),
+                Err(_) => wasmtime_wasi_http::Error::HttpRequestBodySize(Some(limit)),
+            })
+            .boxed_unsync();
+        let request = Request::from_parts(parts, body);
+        let timeout = worker.config.timeout;
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(
+            timeout + Duration::from_secs(1),
+            worker.handler.handle((), request),
+        )
+        .await;
+        let metrics = crate::metrics::metrics();
+        let failed = |status: StatusCode, code: &'static str, message: String| {
+            metrics.worker_request(&worker.name, status.as_u16());
+            tracing::warn!(worker = worker.name, code, "{message}");
+            Err(GatewayError::Worker {
+                status,
+                code,
+                message,
+            })
+        };
+        match outcome {
+            Ok(Ok(response)) => {
+                metrics.worker_request(&worker.name, response.status().as_u16());
+                let worker_name = worker.name.clone();
+                Ok(response.map(|body| Body::worker(body, worker_name, permit)))
+            }
+            // Expired inside the guest's event loop, or its instance ended
+            // from outside for running past the timeout.
+            Ok(Err(e)) if e.is::<ExpirationError>() || started.elapsed() >= timeout => failed(
+                StatusCode::GATEWAY_TIMEOUT,
+                "worker_timeout",
+                format!(
+                    "Worker `{}` did not answer within {timeout:?}.",
+                    worker.name
+                ),
+            ),
+            Err(_) => failed(
+                StatusCode::GATEWAY_TIMEOUT,
+                "worker_timeout",
+                format!(
+                    "Worker `{}` did not answer within {timeout:?}.",
+                    worker.name
+                ),
+            ),
+            Ok(Err(e)) => failed(
+                StatusCode::BAD_GATEWAY,
+                "worker_failed",
+                format!(
+                    "Worker `{}` failed (trapped, ran out of memory, or answered nothing): {e:#}",
+                    worker.name
+                ),
+            ),
+        }
+    }
+
+    /// Replaces `name`'s module; requests already running finish on the old
+    /// version. Refuses a module that does not compile or link, naming why.
+    pub async fn deploy(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+    ) -> Result<serde_json::Value, GatewayError> {
+        let _one = self.deploys.lock().await;
+        let current = self.find(name)?;
+        let sandbox = self.sandbox.as_ref().ok_or_else(|| unknown(name))?;
+        let version = current.version + 1;
+        let bytes: Arc<[u8]> = bytes.into();
+        let next =
+            mount(sandbox, &current.config, bytes, version, Some(&current)).map_err(|e| {
+                GatewayError::Admin {
+                    status: StatusCode::BAD_REQUEST,
+                    code: "invalid_module",
+                    message: format!("Worker `{name}` was not replaced: {e:#}"),
+                }
+            })?;
+        self.install(next, "worker deployed")
+    }
+
+    /// Puts the version before the current one back, as a new version (a
+    /// second rollback returns to the one rolled away from). Its compiled
+    /// module is reused.
+    pub async fn rollback(&self, name: &str) -> Result<serde_json::Value, GatewayError> {
+        let _one = self.deploys.lock().await;
+        let current = self.find(name)?;
+        let Some(previous) = current.previous.clone() else {
+            return Err(GatewayError::Admin {
+                status: StatusCode::CONFLICT,
+                code: "nothing_to_roll_back",
+                message: format!("Worker `{name}` has no earlier version in this process."),
+            });
+        };
+        self.install(
+            previous.as_version(current.version + 1, Some(&current)),
+            "worker rolled back",
+        )
+    }
+
+    /// Saves `next` for restarts, then serves it from the next request on.
+    fn install(&self, next: Mounted, what: &str) -> Result<serde_json::Value, GatewayError> {
+        self.save(&next)?;
+        let described = next.describe();
+        tracing::info!(worker = next.name, version = next.version, "{what}");
+        self.swap(Arc::new(next));
+        Ok(described)
+    }
+
+    fn find(&self, name: &str) -> Result<Arc<Mounted>, GatewayError> {
+        self.mounted
+            .load()
+            .iter()
+            .find(|w| w.name == name)
+            .cloned()
+            .ok_or_else(|| unknown(name))
+    }
+
+    fn swap(&self, next: Arc<Mounted>) {
+        self.mounted.rcu(|mounted| {
+            mounted
+                .iter()
+                .map(|w| {
+                    if w.name == next.name {
+                        next.clone()
+                    } else {
+                        w.clone()
+                    }
+                })
+                .collect::<Vec<_>>()
+        });
+    }
+
+    /// Writes the module where the next start finds it (atomically).
+    fn save(&self, worker: &Mounted) -> Result<(), GatewayError> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(dir)?;
+            let wasm = dir.join(format!("{}.wasm", worker.name));
+            let temp = dir.join(format!(".{}.wasm.tmp", worker.name));
+            std::fs::write(&temp, &worker.bytes)?;
+            std::fs::rename(&temp, &wasm)?;
+            let version = dir.join(format!("{}.version", worker.name));
+            let temp = dir.join(format!(".{}.version.tmp", worker.name));
+            std::fs::write(&temp, worker.version.to_string())?;
+            std::fs::rename(&temp, version)
+        };
+        write().map_err(|e| GatewayError::Admin {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "state_write_failed",
+            message: format!("Saving worker `{}` in {}: {e}", worker.name, dir.display()),
+        })
+    }
+}
+
+fn unknown(name: &str) -> GatewayError {
+    GatewayError::Admin {
+        status: StatusCode::NOT_FOUND,
+        code: "unknown_worker",
+        message: format!("No worker named `{name}` is configured ([[workers]] in sluice.toml)."),
+    }
+}
+
+/// A module deployed earlier, and its version.
+fn saved(dir: &Path, name: &str) -> Option<(Vec<u8>, u64)> {
+    let bytes = std::fs::read(dir.join(format!("{name}.wasm"))).ok()?;
+    let version = std::fs::read_to_string(dir.join(format!("{name}.version")))
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(1);
+    Some((bytes, version))
+}
+
+fn mount(
+    sandbox: &Sandbox,
+    config: &WorkerConfig,
+    bytes: Arc<[u8]>,
+    version: u64,
+    previous: Option<&Mounted>,
+) -> anyhow::Result<Mounted> {
+    let (pre, kind) = sandbox.compile(&bytes)?;
+    let allowed = config
+        .allowed_hosts
+        .iter()
+        .map(|h| outbound::parse_allowed_host(h).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Arc<[_]>>>()?;
+    let bounds = Bounds {
+        worker: config.name.as_str().into(),
+        allowed,
+        env: config
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        timeout: config.timeout,
+        memory_limit: usize::try_from(config.memory_limit).unwrap_or(usize::MAX),
+    };
+    let prefix = crate::config::names::route_prefix(&config.route).map_err(anyhow::Error::msg)?;
+    let sha256 = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(Mounted {
+        name: config.name.clone(),
+        route: config.route.clone(),
+        prefix: prefix.to_string(),
+        exact: !config.route.ends_with('*'),
+        kind,
+        version,
+        sha256,
+        config: config.clone(),
+        bytes,
+        handler: ProxyHandler::new(Version {
+            engine: sandbox.engine().clone(),
+            pre,
+            bounds,
+        }),
+        previous: previous.map(|p| Arc::new(p.as_version(p.version, None))),
+    })
+}

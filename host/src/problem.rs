@@ -1,0 +1,22 @@
+//! What an error that reaches a client says about itself, whichever module
+//! it comes from: its HTTP status, its machine-readable code, when to retry,
+//! and which request field was at fault. Each module's error implements
+//! [`Problem`]; the data plane's one renderer (`dataplane::errors`) writes
+//! it in the shape of the API the request came in on.
+
+use http::StatusCode;
+
+pub trait Problem: std::error::Error {
+    /// The HTTP status of the answer.
+    fn status(&self) -> StatusCode;
+    /// The machine-readable `code` of the error body.
+    fn code(&self) -> &str;
+    /// Seconds a client should wait before trying again (`Retry-After`).
+    fn retry_after(&self) -> Option<u64> {
+        None
+    }
+    /// The request field at fault (`param`).
+    fn param(&self) -> Option<&'static str> {
+        None
+    }
+}
