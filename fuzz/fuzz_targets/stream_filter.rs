@@ -26,7 +26,7 @@ use sluice::dataplane::filter::Filter;
 use sluice::fleet::Fleet;
 use sluice::api::openai::Endpoint;
 use sluice::policy::contract::RequestInfo;
-use sluice::policy::{Chain, Route, Runtime};
+use sluice::policy::{Chain, Route, Runtime, Scope};
 use sluice::dataplane::forward::Answer;
 use tokio::io::AsyncWriteExt;
 
@@ -273,9 +273,11 @@ async fn relay(w: &World, input: &Input, body: Vec<u8>, cuts: &[u8]) -> Vec<u8> 
     };
     let chain = if input.masking { &w.masking } else { &w.plain };
     let filter = Filter {
-        runtime: w.runtime.clone(),
-        fleet: w.fleet.clone(),
-        chain: chain.clone(),
+        scope: Scope {
+            runtime: w.runtime.clone(),
+            fleet: w.fleet.clone(),
+            chain: chain.clone(),
+        },
         route: Route {
             idempotent: true,
             targets: Vec::new(),

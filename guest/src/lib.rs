@@ -263,7 +263,9 @@ pub trait Policy: Sized + 'static {
     /// A backend failed before any byte reached the client: go on with the
     /// remaining targets, retry elsewhere (another model makes it a
     /// fallback), or give up. Called only when [`Policy::hooks`] sets
-    /// `failure`.
+    /// `failure`. Forgetting that is caught at deploy: the host calls this
+    /// once on a trial connect failure, and refuses a policy that answers
+    /// anything but [`FailureDecision::Next`] without declaring the hook.
     ///
     /// ```
     /// use sluice_guest::{

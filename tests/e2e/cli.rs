@@ -87,6 +87,29 @@ fn a_policy_whose_init_refuses_its_config_is_refused() {
     );
 }
 
+/// A policy that answers `on_failure` without declaring the failure hook
+/// would be silently never called: it is refused, saying what to change.
+#[test]
+fn an_undeclared_failure_hook_is_refused() {
+    let config = format!(
+        "{GOOD}[[policies]]\nname = \"quiet\"\nmodule = {:?}\nconfig = {{ undeclared_failure = true }}\n",
+        test_guest("misbehave")
+    );
+    let (ok, err) = stderr_of(&["check-config"], &config);
+    assert!(!ok, "refused");
+    assert!(
+        err.contains("policy `quiet`") && err.contains("failure: true"),
+        "{err}"
+    );
+    // The same guest, not answering on_failure, is accepted.
+    let config = format!(
+        "{GOOD}[[policies]]\nname = \"quiet\"\nmodule = {:?}\n",
+        test_guest("misbehave")
+    );
+    let (ok, err) = stderr_of(&["check-config"], &config);
+    assert!(ok, "{err}");
+}
+
 /// A guest that traps on the trial request is refused with its panic
 /// message, before it can serve a request.
 #[test]
@@ -140,7 +163,10 @@ fn serve_with_default_admin(config: &std::path::Path) -> (std::process::Child, S
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut admin = String::new();
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if let Some(addr) = line.strip_prefix("admin listening on http://") {
                 admin = addr.to_string();
             }
@@ -182,6 +208,68 @@ async fn a_second_gateway_starts_when_the_default_admin_port_is_taken() {
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(answer.status(), 200, "the data plane serves");
-    assert!(!admin.ends_with(":8081"), "admin moved off the taken port: {admin}");
+    assert!(
+        !admin.ends_with(":8081"),
+        "admin moved off the taken port: {admin}"
+    );
     assert_eq!(policies.status(), 200, "the admin API answers on {admin}");
+}
+
+#[tokio::test]
+async fn the_demo_serves_its_console_and_prints_where() {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting the demo");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut gateway = String::new();
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(addr) = line.strip_prefix("Sluice demo: gateway on http://") {
+                gateway = addr.trim().to_string();
+            }
+            if let Some(rest) = line.strip_prefix("Console: http://") {
+                let console = rest.split('/').next().unwrap_or_default().to_string();
+                let _ = tx.send((gateway.clone(), console));
+            }
+        }
+    });
+    let started = rx.recv_timeout(std::time::Duration::from_secs(60));
+    let Ok((gateway, console)) = started else {
+        let _ = child.kill();
+        panic!("the demo printed no console address");
+    };
+    let client = client();
+    let page = client.get(format!("http://{console}/")).send().await;
+    let fleet = client
+        .get(format!("http://{console}/admin/fleet"))
+        .send()
+        .await;
+    let answer = client
+        .post(format!("http://{gateway}/v1/chat/completions"))
+        .json(&chat("glm4-9b"))
+        .send()
+        .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let page = page.expect("console page");
+    assert_eq!(page.status(), 200);
+    assert!(
+        page.text().await.unwrap().contains("<html"),
+        "the console's page"
+    );
+    assert_eq!(
+        fleet.expect("fleet").status(),
+        200,
+        "no token needed in the demo"
+    );
+    assert_eq!(answer.expect("chat").status(), 200);
 }

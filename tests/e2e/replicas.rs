@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use sluice::tools::mock::Flavor;
 
-use crate::consumers::{consumer, Redis};
 use crate::common::*;
+use crate::consumers::{consumer, Redis};
 use crate::deploy::{config_query, deploy, module, pinned, served_by};
 
 /// Three replicas sharing `state` and `redis`, routing with the pinning

@@ -51,6 +51,10 @@ impl crate::problem::Problem for Refusal {
     }
 }
 
+/// How long a concurrency slot's release is retried while the store is
+/// down: the in-flight counter's expiry in the store.
+const RELEASE_RETRY_FOR: Duration = Duration::from_secs(3600);
+
 /// Which limit refused, as the Lua script and the memory store say it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Hit {
@@ -125,7 +129,8 @@ pub struct Ticket {
     reserved: u64,
     minute: u64,
     day: u64,
-    holds_slot: bool,
+    /// The concurrency slot held, named uniquely across replicas.
+    slot: Option<String>,
 }
 
 impl Ticket {
@@ -145,8 +150,8 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if self.holds_slot {
-            self.limiter.release(&self.consumer);
+        if let Some(slot) = self.slot.take() {
+            self.limiter.release(&self.consumer, slot);
         }
     }
 }
@@ -171,6 +176,9 @@ pub struct Limiter {
     on_error: OnError,
     timeout: Duration,
     pub default_max_tokens: u64,
+    /// This process, among the replicas sharing a store (random).
+    instance: u64,
+    slots_taken: std::sync::atomic::AtomicU64,
 }
 
 fn now_s() -> u64 {
@@ -197,6 +205,18 @@ impl Limiter {
             on_error: config.on_store_error,
             timeout: config.redis_timeout,
             default_max_tokens: config.default_max_tokens,
+            instance: {
+                use std::hash::{BuildHasher, Hasher};
+                // Seeded from the OS's randomness, like every RandomState.
+                let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+                hasher.write_u128(
+                    SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos()),
+                );
+                hasher.finish()
+            },
+            slots_taken: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -213,6 +233,8 @@ impl Limiter {
         }
         let now = now_s();
         let (minute, day) = (now / 60, now / 86_400);
+        let slot = limits.max_concurrent_requests.map(|_| self.slot_name());
+        let slot_name = slot.as_deref().unwrap_or_default();
         let hit = match &self.store {
             Store::Memory(map) => {
                 let mut map = map
@@ -250,7 +272,7 @@ impl Limiter {
                 hit
             }
             Store::Redis(redis) => {
-                let call = redis.admit(&consumer.name, limits, tokens, minute, day);
+                let call = redis.admit(&consumer.name, limits, tokens, minute, day, slot_name);
                 match tokio::time::timeout(self.timeout, call).await {
                     Ok(Ok(code)) => Hit::from_code(code),
                     Ok(Err(e)) => return self.store_failed(&consumer.name, e.to_string()),
@@ -272,7 +294,7 @@ impl Limiter {
             reserved: tokens,
             minute,
             day,
-            holds_slot: limits.max_concurrent_requests.is_some(),
+            slot,
         }))
     }
 
@@ -323,7 +345,15 @@ impl Limiter {
         }
     }
 
-    fn release(self: &Arc<Self>, consumer: &str) {
+    /// A name for a concurrency slot no other request of any replica has.
+    fn slot_name(&self) -> String {
+        let n = self
+            .slots_taken
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{:016x}-{n}", self.instance)
+    }
+
+    fn release(self: &Arc<Self>, consumer: &str, slot: String) {
         match &self.store {
             Store::Memory(map) => {
                 if let Ok(mut map) = map.lock() {
@@ -335,11 +365,26 @@ impl Limiter {
             Store::Redis(redis) => {
                 let (redis, consumer, timeout) =
                     (redis.clone(), consumer.to_string(), self.timeout);
+                // The in-flight counter's expiry is renewed by every
+                // admission, so a slot not given back would be lost for as
+                // long as the consumer has traffic: keep trying until the
+                // store answers (backing off), for as long as that expiry.
                 spawn(async move {
-                    let call = redis.release(&consumer);
-                    if !matches!(tokio::time::timeout(timeout, call).await, Ok(Ok(()))) {
+                    let started = tokio::time::Instant::now();
+                    let mut pause = Duration::from_millis(250);
+                    loop {
+                        let call = redis.release(&consumer, &slot);
+                        if matches!(tokio::time::timeout(timeout, call).await, Ok(Ok(()))) {
+                            return;
+                        }
                         crate::metrics::metrics().limit_store_error();
-                        tracing::warn!(consumer, "limit store failed: a concurrency slot was not given back (it expires within the hour)");
+                        if started.elapsed() >= RELEASE_RETRY_FOR {
+                            tracing::error!(consumer, "limit store failed for an hour: a concurrency slot was not given back");
+                            return;
+                        }
+                        tracing::warn!(consumer, retry_in = ?pause, "limit store failed: giving back a concurrency slot, will retry");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(30));
                     }
                 });
             }
@@ -422,6 +467,10 @@ fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) {
 mod redis_store {
     //! The Redis side: one Lua script checks every limit and reserves
     //! atomically; counters are keyed by consumer and window and expire.
+    //! Concurrency is a set of the slots held (scored by when they were
+    //! taken): giving one back removes its member, which is safe to retry
+    //! when the store did not answer, and a slot never given back leaves
+    //! the count after an hour.
 
     use redis::aio::ConnectionManager;
     use redis::{AsyncCommands, Script};
@@ -433,7 +482,11 @@ mod redis_store {
 local function num(k) return tonumber(redis.call('GET', k) or '0') end
 local rpm_l, tpm_l, tpd_l, conc_l = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local want = tonumber(ARGV[5])
-local rpm, tpm, tpd, conc = num(KEYS[1]), num(KEYS[2]), num(KEYS[3]), num(KEYS[4])
+local rpm, tpm, tpd, conc = num(KEYS[1]), num(KEYS[2]), num(KEYS[3]), 0
+if conc_l > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tonumber(ARGV[6]) - 3600)
+  conc = redis.call('ZCARD', KEYS[4])
+end
 if conc_l > 0 and conc >= conc_l then return 4 end
 if rpm_l > 0 and rpm >= rpm_l then return 1 end
 if tpm_l > 0 and tpm > 0 and tpm + want > tpm_l then return 2 end
@@ -441,7 +494,7 @@ if tpd_l > 0 and tpd > 0 and tpd + want > tpd_l then return 3 end
 redis.call('INCR', KEYS[1]); redis.call('EXPIRE', KEYS[1], 120)
 redis.call('INCRBY', KEYS[2], want); redis.call('EXPIRE', KEYS[2], 120)
 redis.call('INCRBY', KEYS[3], want); redis.call('EXPIRE', KEYS[3], 172800)
-if conc_l > 0 then redis.call('INCR', KEYS[4]); redis.call('EXPIRE', KEYS[4], 3600) end
+if conc_l > 0 then redis.call('ZADD', KEYS[4], ARGV[6], ARGV[7]); redis.call('EXPIRE', KEYS[4], 3600) end
 return 0
 "#;
 
@@ -495,18 +548,21 @@ return 0
             want: u64,
             minute: u64,
             day: u64,
+            slot: &str,
         ) -> redis::RedisResult<i64> {
             let mut c = self.connection().await?;
             self.admit
                 .key(key(consumer, &format!("requests:{minute}")))
                 .key(key(consumer, &format!("tokens:{minute}")))
                 .key(key(consumer, &format!("tokens-day:{day}")))
-                .key(key(consumer, "in-flight"))
+                .key(key(consumer, "slots"))
                 .arg(limits.requests_per_minute.unwrap_or(0))
                 .arg(limits.tokens_per_minute.unwrap_or(0))
                 .arg(limits.tokens_per_day.unwrap_or(0))
                 .arg(limits.max_concurrent_requests.unwrap_or(0))
                 .arg(want)
+                .arg(super::now_s())
+                .arg(slot)
                 .invoke_async(&mut c)
                 .await
         }
@@ -529,9 +585,10 @@ return 0
             Ok(())
         }
 
-        pub async fn release(&self, consumer: &str) -> redis::RedisResult<()> {
+        /// Gives `slot` back; giving it back twice changes nothing.
+        pub async fn release(&self, consumer: &str, slot: &str) -> redis::RedisResult<()> {
             let mut c = self.connection().await?;
-            let _: i64 = c.decr(key(consumer, "in-flight"), 1).await?;
+            let _: i64 = c.zrem(key(consumer, "slots"), slot).await?;
             Ok(())
         }
 
@@ -547,11 +604,11 @@ return 0
                     key(consumer, &format!("requests:{minute}")),
                     key(consumer, &format!("tokens:{minute}")),
                     key(consumer, &format!("tokens-day:{day}")),
-                    key(consumer, "in-flight"),
                 ])
                 .await?;
+            let slots: u64 = c.zcard(key(consumer, "slots")).await?;
             let at = |i: usize| values.get(i).copied().flatten().unwrap_or(0).max(0) as u64;
-            Ok((at(0), at(1), at(2), at(3)))
+            Ok((at(0), at(1), at(2), slots))
         }
     }
 }

@@ -8,7 +8,6 @@
 //! client's behalf, which is read and removed.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, Response};
@@ -22,8 +21,7 @@ use crate::dataplane::accounting::Accounting;
 use crate::dataplane::body::Body;
 use crate::dataplane::errors::GatewayError;
 use crate::dataplane::forward::Answer;
-use crate::fleet::Fleet;
-use crate::policy::{Chain, Filtered, KeptInstances, Route, Runtime};
+use crate::policy::{Filtered, KeptInstances, Route, Scope};
 
 /// The largest non-streamed answer that is filtered (it must be read whole).
 const MAX_WHOLE_ANSWER: usize = 64 << 20;
@@ -31,9 +29,7 @@ const MAX_WHOLE_ANSWER: usize = 64 << 20;
 /// Everything a filtered answer needs, owned, so a stream's task can outlive
 /// the request handler.
 pub struct Filter {
-    pub runtime: Arc<Runtime>,
-    pub fleet: Arc<Fleet>,
-    pub chain: Arc<Chain>,
+    pub scope: Scope,
     pub route: Route,
     /// Characters the response hooks need held back; `None`: no hooks.
     pub holdback: Option<usize>,
@@ -54,16 +50,8 @@ impl Filter {
         text: String,
         last: bool,
     ) -> Filtered {
-        self.chain
-            .filter_text(
-                &self.runtime,
-                &self.fleet,
-                &self.route,
-                kept,
-                choice,
-                text,
-                last,
-            )
+        self.scope
+            .filter_text(&self.route, kept, choice, text, last)
             .await
     }
 
@@ -516,7 +504,7 @@ mod relay_tests {
     use crate::dataplane::forward::Answer;
     use crate::fleet::Fleet;
     use crate::policy::contract::RequestInfo;
-    use crate::policy::{Chain, Route, Runtime};
+    use crate::policy::{Chain, Route, Runtime, Scope};
 
     const HEAD: &[u8] =
         b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
@@ -603,10 +591,12 @@ mod relay_tests {
             incoming,
         };
         let filter = Filter {
-            runtime,
-            fleet,
             holdback: chain.response_holdback(),
-            chain,
+            scope: Scope {
+                runtime,
+                fleet,
+                chain,
+            },
             route: Route {
                 idempotent: true,
                 targets: Vec::new(),

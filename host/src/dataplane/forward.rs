@@ -26,7 +26,7 @@ use crate::fleet::backends::{Backend, ModelLoad, Slot};
 use crate::fleet::stats::Waiting;
 use crate::fleet::Fleet;
 use crate::policy::contract::{AttemptFailure, AttemptFailureKind, FailureDecision};
-use crate::policy::{Chain, Route, Runtime, Target};
+use crate::policy::{Route, Scope, Target};
 use crate::text::error_chain;
 use arc_swap::ArcSwap;
 
@@ -130,12 +130,11 @@ impl Upstream {
     /// unless a failure hook moves the request elsewhere.
     pub async fn forward(
         &self,
-        runtime: &Runtime,
-        fleet: &Arc<Fleet>,
-        chain: &Chain,
+        scope: &Scope,
         path_and_query: &str,
         route: &Route,
     ) -> Result<Answer, GatewayError> {
+        let fleet = &scope.fleet;
         let mut queue: VecDeque<Target> = route
             .targets
             .iter()
@@ -206,8 +205,8 @@ impl Upstream {
             let decision = if !route.idempotent && kind != AttemptFailureKind::Connect {
                 // It may have reached the backend: never sent twice.
                 FailureDecision::GiveUp
-            } else if chain.handles_failures() {
-                chain.on_failure(runtime, fleet, route, &failure).await?
+            } else if scope.handles_failures() {
+                scope.on_failure(route, &failure).await?
             } else if kind == AttemptFailureKind::Status
                 && !retry.on_status.contains(&failure.status)
             {
@@ -219,7 +218,7 @@ impl Upstream {
             match decision {
                 FailureDecision::Next => {}
                 FailureDecision::Retry(targets) => {
-                    queue = chain.resolve(fleet, &route.info.model, targets)?.into();
+                    queue = scope.resolve(&route.info.model, targets)?.into();
                 }
                 FailureDecision::GiveUp => return give_up(error, answer),
             }

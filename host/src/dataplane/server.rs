@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use bytes::Bytes;
+use arc_swap::ArcSwap;
 use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -17,22 +17,20 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::accounts::consumers::{AuthError, Consumer, Consumers, Identity};
-use crate::accounts::limits::{Limiter, Ticket};
-use crate::api::openai::{self, Endpoint, RequestHead};
+use crate::accounts::consumers::Consumers;
+use crate::accounts::limits::Limiter;
+use crate::api::openai::{self, Endpoint};
 use crate::config::Config;
-use crate::dataplane::accounting::{Accounting, Ledger};
+use crate::dataplane::accounting::Ledger;
 use crate::dataplane::body::Body;
 use crate::dataplane::errors::GatewayError;
-use crate::dataplane::filter::Filter;
-use crate::dataplane::forward::{Answer, Upstream};
+use crate::dataplane::forward::Upstream;
 use crate::dataplane::recording::Recorder;
-use crate::dataplane::request_body::{self, BodyLimits};
+use crate::dataplane::request_body::BodyLimits;
 use crate::fleet::health::Checker;
 use crate::fleet::LiveFleet;
-use crate::policy::{Chain, PolicyRequest, Runtime};
+use crate::policy::{Chain, Runtime, Scope};
 use crate::usage::{UsageStore, WriterOptions};
-use arc_swap::ArcSwap;
 
 /// Marks a request the console's playground sent through the admin
 /// listener: it is served under the admin token, not a consumer's key.
@@ -47,15 +45,15 @@ pub struct Gateway {
     /// The live chain, swapped whole by deploys; a request loads it once.
     chain: Arc<ArcSwap<Chain>>,
     pub upstream: Upstream,
-    body_limits: BodyLimits,
+    pub(super) body_limits: BodyLimits,
     pub ledger: Arc<Ledger>,
     pub consumers: Arc<Consumers>,
     pub limiter: Arc<Limiter>,
     /// Edge workers mounted on routes (`[[workers]]`).
     pub workers: Arc<crate::dataplane::workers::Workers>,
     /// Samples requests for `sluice policy test` (`[recording]`).
-    recorder: Option<Recorder>,
-    next_id: AtomicU64,
+    pub(super) recorder: Option<Recorder>,
+    pub(super) next_id: AtomicU64,
     started_at: u64,
     /// False once shutdown began: `/ready` answers 503.
     ready: std::sync::atomic::AtomicBool,
@@ -135,7 +133,9 @@ impl Gateway {
         }
         let method = request.method();
         let result = match Endpoint::from_path(path) {
-            Some(endpoint) if method == Method::POST => self.proxy(endpoint, request).await,
+            Some(endpoint) if method == Method::POST => {
+                super::pipeline::run(&self, endpoint, request).await
+            }
             Some(_) => Err(GatewayError::MethodNotAllowed {
                 method: method.clone(),
                 path: path.to_string(),
@@ -181,189 +181,14 @@ impl Gateway {
         result.unwrap_or_else(GatewayError::into_response)
     }
 
-    async fn proxy(
-        &self,
-        endpoint: Endpoint,
-        request: Request<Incoming>,
-    ) -> Result<Response<Body>, GatewayError> {
-        let (parts, body) = request.into_parts();
-        let authorization = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let playground = parts.extensions.get::<Playground>().is_some();
-        let identity = if playground {
-            Ok(Identity::Anonymous)
-        } else {
-            self.consumers.identify(authorization)
-        };
-        let consumer = match identity {
-            Ok(Identity::Known(consumer)) => Some(consumer),
-            Ok(Identity::Anonymous) => None,
-            Err(e) => {
-                crate::metrics::metrics().refusal(
-                    match &e {
-                        AuthError::Disabled(name) => name,
-                        _ => "",
-                    },
-                    if matches!(e, AuthError::Disabled(_)) {
-                        "consumer_disabled"
-                    } else {
-                        "invalid_api_key"
-                    },
-                );
-                // Refusing mid-upload would reset the connection under the
-                // client, which then never sees the 401.
-                request_body::linger(&parts.headers, body, self.body_limits.max_bytes);
-                return Err(e.into());
-            }
-        };
-        let body = request_body::read(&parts.headers, body, self.body_limits).await?;
-        let head = RequestHead::parse(&body)?;
-        let ticket = match &consumer {
-            Some(c) => self.admit(c, endpoint, &head, &body).await?,
-            None => None,
-        };
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut acct = Accounting::start(
-            self.ledger.clone(),
-            id,
-            endpoint.name(),
-            &head.model,
-            head.stream,
-            consumer.as_ref().map(|c| c.name.clone()),
-            body.clone(),
-        );
-        acct.hold(ticket);
-        // The client's own stream options decide what it sees; the gateway
-        // asks for usage regardless, to count exactly, and strips it again.
-        let strip_usage = head.stream && endpoint != Endpoint::Embeddings && !head.include_usage;
-        if head.stream && head.include_usage && endpoint != Endpoint::Embeddings {
-            acct.client_wants_usage();
-        }
-        if let Some(recorder) = self.recorder.as_ref().filter(|r| r.samples(id)) {
-            recorder.record(
-                parts.uri.path(),
-                &parts.headers,
-                consumer.as_ref().map(|c| c.name.as_str()),
-                &head,
-                &body,
-            );
-        }
-        let request = PolicyRequest {
-            id,
-            endpoint,
-            path: parts.uri.path().to_string(),
-            head,
-            consumer: consumer.map(|c| c.name.clone()),
-            headers: Arc::new(parts.headers),
-            body,
-        };
-        let chain = self.chain.load_full();
-        let fleet = self.fleet.load();
-        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let answered = async {
-            let mut route = chain.decide(&self.runtime, &fleet, request).await?;
-            if strip_usage {
-                route.body = openai::with_include_usage(&route.body).map_err(|e| {
-                    GatewayError::bad_request(
-                        format!("The request body could not be rewritten: {e}."),
-                        "invalid_json",
-                    )
-                })?;
-            }
-            let answer = self
-                .upstream
-                .forward(&self.runtime, &fleet, &chain, path_and_query, &route)
-                .await?;
-            Ok::<_, GatewayError>((route, answer))
-        };
-        let (route, answer) = match answered.await {
-            Ok(answered) => answered,
-            Err(error) => {
-                acct.set_status(error.status().as_u16());
-                acct.finish();
-                return Err(error);
-            }
-        };
-        acct.answered(
-            &answer.backend.name,
-            &answer.model,
-            answer.parts.status.as_u16(),
-        );
-        let holdback = chain
-            .response_holdback()
-            .filter(|_| endpoint != Endpoint::Embeddings);
-        let relay = Filter {
+    /// What this request's policy phases run against: the live chain and
+    /// fleet as they are now.
+    pub fn scope(&self) -> Scope {
+        Scope {
             runtime: self.runtime.clone(),
-            fleet,
-            chain,
-            route,
-            holdback,
-            strip_usage,
-        };
-        if !answer.parts.status.is_success() {
-            return Ok(crate::dataplane::upstream_error::respond(answer, acct).await);
+            fleet: self.fleet.load(),
+            chain: self.chain.load_full(),
         }
-        if answer.is_event_stream() {
-            return Ok(relay.stream(answer, acct));
-        }
-        if holdback.is_some() && answer.parts.status.is_success() {
-            return relay.whole(answer, acct).await;
-        }
-        let Answer {
-            parts,
-            first,
-            incoming,
-            slot,
-            ..
-        } = answer;
-        Ok(Response::from_parts(
-            parts,
-            Body::backend(first, incoming, slot, acct),
-        ))
-    }
-}
-
-impl Gateway {
-    /// Checks the consumer may use the model and is within its limits, and
-    /// reserves its share of them.
-    async fn admit(
-        &self,
-        consumer: &Consumer,
-        endpoint: Endpoint,
-        head: &RequestHead,
-        body: &Bytes,
-    ) -> Result<Option<Ticket>, GatewayError> {
-        if !consumer.allows(&head.model) {
-            crate::metrics::metrics().refusal(&consumer.name, "model_not_allowed");
-            return Err(GatewayError::ModelNotAllowed {
-                consumer: consumer.name.clone(),
-                model: head.model.clone(),
-            });
-        }
-        let limits = &consumer.limits;
-        let tokens = if limits.tokens_per_minute.is_some() || limits.tokens_per_day.is_some() {
-            crate::accounts::limits::reservation(
-                body,
-                endpoint == Endpoint::Embeddings,
-                self.limiter.default_max_tokens,
-            )
-            .await
-        } else {
-            0
-        };
-        self.limiter
-            .admit(consumer, tokens)
-            .await
-            .map_err(|refusal| {
-                let code = match &refusal {
-                    crate::accounts::limits::Refusal::Limited { code, .. } => *code,
-                    crate::accounts::limits::Refusal::StoreDown(_) => "rate_limiter_unavailable",
-                };
-                crate::metrics::metrics().refusal(&consumer.name, code);
-                GatewayError::from(refusal)
-            })
     }
 }
 

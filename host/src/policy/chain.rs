@@ -11,8 +11,8 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
 use super::contract::{
-    AttemptFailure, Decision, FailureDecision, Hooks, RejectSpec, RequestInfo, TargetSpec,
-    TextDecision,
+    AttemptFailure, AttemptFailureKind, Decision, FailureDecision, Hooks, RejectSpec, RequestInfo,
+    TargetSpec, TextDecision,
 };
 use super::guest::CallContext;
 use super::runtime::Pre;
@@ -562,9 +562,45 @@ async fn trial(runtime: &Runtime, fleet: &Arc<Fleet>, policy: &LoadedPolicy) -> 
         headers: Arc::new(HeaderMap::new()),
         body: serde_json::to_vec(&body)?.into(),
     };
-    match run_request_phase(runtime, fleet, policy, &request).await {
-        Ok(_) => Ok(()),
-        Err(e) => Err(anyhow::anyhow!("{}: {}", e.kind, e.detail)),
+    if let Err(e) = run_request_phase(runtime, fleet, policy, &request).await {
+        anyhow::bail!("{}: {}", e.kind, e.detail);
+    }
+    if !policy.hooks.failure {
+        undeclared_failure_hook(runtime, fleet, policy, &request).await?;
+    }
+    Ok(())
+}
+
+/// A policy whose `on_failure` answers something other than `next` but
+/// whose hooks do not declare `failure` would never be called: an author's
+/// mistake that is silent at run time, so it is refused here, loudly.
+async fn undeclared_failure_hook(
+    runtime: &Runtime,
+    fleet: &Arc<Fleet>,
+    policy: &LoadedPolicy,
+    request: &PolicyRequest,
+) -> anyhow::Result<()> {
+    let failure = AttemptFailure {
+        backend: fleet
+            .backends()
+            .first()
+            .map_or_else(|| "trial".to_string(), |b| b.name.to_string()),
+        model: request.head.model.clone(),
+        kind: AttemptFailureKind::Connect,
+        status: 0,
+        attempt: 1,
+        remaining: Vec::new(),
+    };
+    let state = runtime.state(context(fleet, policy, &request.headers, &request.body));
+    match runtime
+        .on_failure(&policy.pre, state, &request.info(), &failure)
+        .await
+    {
+        Ok(FailureDecision::Next) | Err(_) => Ok(()),
+        Ok(decision) => anyhow::bail!(
+            "its on_failure answered {decision:?} to a trial connect failure, but its hooks() \
+             does not set `failure: true`, so the host would never call it; declare the hook"
+        ),
     }
 }
 

@@ -6,6 +6,7 @@ pub mod contract;
 mod guest;
 mod kept;
 pub(crate) mod runtime;
+mod scope;
 mod snapshot;
 
 use std::fmt;
@@ -18,6 +19,7 @@ pub use chain::{
 pub use guest::{MemoryCap, HIDDEN_HEADERS};
 pub use kept::KeptInstances;
 pub use runtime::Runtime;
+pub use scope::Scope;
 
 /// How a policy call failed. Callers branch on it: the policy's `on_error`
 /// decides whether the request fails or skips the policy.

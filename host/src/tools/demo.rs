@@ -60,16 +60,41 @@ pub async fn run(
     config.server.listen = listen;
     config.validate()?;
 
-    let gateway = crate::control::Node::start(&config).await?.gateway;
+    let node = crate::control::Node::start(&config).await?;
+    let gateway = node.gateway.clone();
     gateway.checker.start().await;
     let listener = server::bind(listen).await?;
     let addr = listener.local_addr()?;
+    // The console, on the admin API's own loopback listener. The demo sets
+    // no admin token, so the page opens without asking for one.
+    let admin_listener = server::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let console = admin_listener.local_addr()?;
+    let admin = std::sync::Arc::new(crate::control::admin::Admin {
+        deployer: node.deployer.clone(),
+        token: None,
+        usage: gateway.ledger.store.clone(),
+        gateway: gateway.clone(),
+        feed: crate::control::console::start_feed(gateway.fleet.clone()),
+    });
+    let options = server::ServeOptions {
+        drain: Duration::from_secs(5),
+        header_timeout: Duration::from_secs(10),
+    };
+    tokio::spawn(server::serve(
+        admin_listener,
+        move |r| admin.clone().handle(r),
+        std::future::pending(),
+        options,
+    ));
     println!(
         r#"
 Sluice demo: gateway on http://{addr}
   vm01 (simulated vLLM)   {vm01_url}  serves glm4-9b, qwen2.5-1.5b
   vm02 (simulated Ollama) {vm02_url}  serves glm4-9b
   policy chain: builtin:model-router (aliases glm4 -> glm4-9b, qwen -> qwen2.5-1.5b)
+
+Console: http://{console}/  (fleet, live charts, policies, usage, playground; the demo
+  sets no admin token, so it opens without signing in — loopback only)
 
 Try (the x-sluice-backend response header says who answered):
   curl -si http://{addr}/v1/models
@@ -89,10 +114,7 @@ Ctrl-C stops it."#,
         listener,
         move |r| gateway.clone().handle(r),
         shutdown,
-        server::ServeOptions {
-            drain: Duration::from_secs(5),
-            header_timeout: Duration::from_secs(10),
-        },
+        options,
     )
     .await
 }

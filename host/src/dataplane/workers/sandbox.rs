@@ -132,6 +132,67 @@ pub struct Bounds {
     pub memory_limit: usize,
 }
 
+/// The most one worker instance (one request) writes to the gateway's
+/// stderr; what it writes beyond is dropped, with one line saying so.
+const STDERR_LIMIT: usize = 64 << 10;
+/// How much one stderr write may carry.
+const STDERR_WRITE_BUDGET: usize = 4096;
+
+/// A worker instance's stderr: passed to the gateway's, up to
+/// [`STDERR_LIMIT`] bytes, then swallowed (the worker never sees a failed
+/// write, which would make a panicking `eprintln!` out of a chatty log).
+struct BoundedStderr {
+    worker: Arc<str>,
+    left: usize,
+}
+
+impl BoundedStderr {
+    fn new(worker: Arc<str>) -> BoundedStderr {
+        BoundedStderr {
+            worker,
+            left: STDERR_LIMIT,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for BoundedStderr {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::io::Write;
+        if self.left > 0 {
+            let take = buf.len().min(self.left);
+            self.left -= take;
+            let mut stderr = std::io::stderr().lock();
+            let _ = stderr.write_all(&buf[..take]);
+            if self.left == 0 {
+                let _ = writeln!(
+                    stderr,
+                    "\n[worker `{}` wrote more than {STDERR_LIMIT} bytes to stderr in one request; the rest is dropped]",
+                    self.worker
+                );
+            }
+        }
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 /// The state of one worker instance's store.
 pub struct WorkerStore {
     wasi: WasiCtx,
@@ -145,8 +206,14 @@ impl WorkerStore {
     fn new(bounds: &Bounds) -> WorkerStore {
         let mut wasi = WasiCtx::builder();
         // No files, no sockets (outbound HTTP goes through the allow-list),
-        // only the configured environment; stdout/stderr to ours.
-        wasi.inherit_stderr().allow_tcp(false).allow_udp(false);
+        // only the configured environment; stderr to ours, bounded per
+        // instance so a chatty worker cannot flood the gateway's log.
+        wasi.stderr(wasmtime_wasi::cli::AsyncStdoutStream::new(
+            STDERR_WRITE_BUDGET,
+            BoundedStderr::new(bounds.worker.clone()),
+        ))
+        .allow_tcp(false)
+        .allow_udp(false);
         for (key, value) in bounds.env.iter() {
             wasi.env(key, value);
         }

@@ -18,12 +18,15 @@
 //! `"loop"` or `"stop"`) turns on the response hook, which does that when
 //! the answer's text contains "boom". `response_work` makes every response
 //! call first do that many units of work (about a millisecond each).
+//! `undeclared_failure` makes `on_failure` give up while `hooks()` does not
+//! declare the failure hook (an author's mistake the host refuses).
 
 use std::hint::black_box;
 
 use serde::Deserialize;
 use sluice_guest::{
-    export_policy, fleet, request, Decision, Hooks, Policy, Request, Target, TextDecision,
+    export_policy, fleet, request, Decision, Failure, FailureDecision, Hooks, Policy, Request,
+    Target, TextDecision,
 };
 
 #[derive(Deserialize)]
@@ -35,6 +38,8 @@ struct Config {
     always: Option<String>,
     #[serde(default)]
     response_work: u64,
+    #[serde(default)]
+    undeclared_failure: bool,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -49,6 +54,7 @@ struct Misbehave {
     response: Option<OnBoom>,
     always: Option<String>,
     response_work: u64,
+    undeclared_failure: bool,
 }
 
 impl Policy for Misbehave {
@@ -62,6 +68,7 @@ impl Policy for Misbehave {
             response: config.response,
             always: config.always,
             response_work: config.response_work,
+            undeclared_failure: config.undeclared_failure,
         })
     }
 
@@ -91,6 +98,14 @@ impl Policy for Misbehave {
                 black_box(fleet::backends());
             },
             _ => Decision::pass(),
+        }
+    }
+
+    fn on_failure(&self, _request: &Request, _failure: &Failure) -> FailureDecision {
+        if self.undeclared_failure {
+            FailureDecision::GiveUp
+        } else {
+            FailureDecision::Next
         }
     }
 
