@@ -13,6 +13,8 @@
 # serves the chart's config on loopback to run the pod's probes and shutdown
 # against it. Without such a binary those two steps are skipped, or fail when
 # CHECK_DEPLOY_REQUIRE_BINARY=1. Run it after the cargo build/test.
+# --setup-only: create the venv and stop (scripts/test-all.sh does this in
+# the background while cargo builds; it is mostly downloading).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,5 +29,8 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.pins" 2>/dev/null)" != "$stam
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${pins[@]}"
   echo "$stamp" > "$venv/.pins"
+fi
+if [ "${1:-}" = "--setup-only" ]; then
+  exit 0
 fi
 PATH="$PWD/$venv/bin:$PATH" exec "$venv/bin/python" scripts/check_deploy.py "$@"

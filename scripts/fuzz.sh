@@ -2,6 +2,14 @@
 # Builds the fuzz targets in fuzz/ (cargo-fuzz, libFuzzer) and runs each for a
 # bounded time, starting from its seed corpus in fuzz/corpus/TARGET/.
 #
+# This is the coverage-guided run, for long runs (e.g. FUZZ_SECONDS=720 for
+# an hour over the five targets); it is not in scripts/test-all.sh, whose
+# cargo test runs the same target bodies without libFuzzer (fuzz/smoke: seed
+# corpus plus generated and mutated inputs, FUZZ_SMOKE_SECONDS per target)
+# from the release build it already has. Here cargo-fuzz is installed if
+# missing and wasmtime and the host are compiled again with coverage
+# instrumentation and debug assertions (~20+ min cold on 2 cores).
+#
 #   FUZZ_SECONDS   seconds per target (default 20)
 #   FUZZ_TARGETS   which targets, space-separated (default: all five)
 #   FUZZ_JOBS      parallel fuzzing processes per target (default 1)

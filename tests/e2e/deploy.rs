@@ -554,17 +554,25 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-/// Each of 1,000 deploys compiles a new snapshot; the old ones must be
-/// freed once no request uses them, so memory stays flat.
+/// Each deploy compiles a new snapshot; the old ones must be freed once no
+/// request uses them, so memory stays flat. 300 deploys in the test command
+/// (~0.26 s each on 2 cores): a leaked snapshot per deploy (megabytes) shows
+/// well past the bound over the 200 after warm-up. The soak length, 1,000,
+/// is run by scripts/long-run.sh (SLUICE_E2E_DEPLOYS=1000).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_stays_flat_over_a_thousand_deploys() {
+async fn memory_stays_flat_over_many_deploys() {
+    let deploys: u32 = std::env::var("SLUICE_E2E_DEPLOYS")
+        .ok()
+        .map(|v| v.parse().expect("SLUICE_E2E_DEPLOYS is a number"))
+        .unwrap_or(300);
+    assert!(deploys > 100, "SLUICE_E2E_DEPLOYS must be over 100 (the warm-up)");
     let vm01 = mock("vm01", &["m"]).await;
     let vm02 = mock("vm02", &["m"]).await;
     let sluice = Sluice::start(&pinned(&vm01.url(), &vm02.url(), "vm01"));
     let client = client();
     let bytes = module("pin-backend");
     let mut after_warmup = 0;
-    for n in 0..1_000 {
+    for n in 0..deploys {
         // A distinct config each time, so every deploy is a new snapshot.
         let config =
             json!({"default": if n % 2 == 0 { "vm02" } else { "vm01" }, "deploy": n}).to_string();
@@ -580,9 +588,10 @@ async fn memory_stays_flat_over_a_thousand_deploys() {
         }
     }
     let end = rss_kib(sluice.pid());
-    println!("RSS after 100 deploys {after_warmup} KiB, after 1000 {end} KiB");
+    println!("RSS after 100 deploys {after_warmup} KiB, after {deploys} {end} KiB");
     assert!(
         end < after_warmup + 40 * 1024,
-        "RSS grew from {after_warmup} KiB to {end} KiB over 900 deploys"
+        "RSS grew from {after_warmup} KiB to {end} KiB over {} deploys",
+        deploys - 100
     );
 }
