@@ -17,6 +17,7 @@ pub mod console;
 pub mod consumers;
 pub mod demo;
 pub mod deploy;
+pub mod deploy_history;
 pub mod errors;
 pub mod filter;
 pub mod fleet;
