@@ -347,7 +347,11 @@ impl Deployer {
         let i = index(&state, name)?;
         let entry = &state.entries[i];
         let Some(position) = entry.versions.iter().position(|v| v.version == number) else {
-            let kept: Vec<String> = entry.versions.iter().map(|v| v.version.to_string()).collect();
+            let kept: Vec<String> = entry
+                .versions
+                .iter()
+                .map(|v| v.version.to_string())
+                .collect();
             return Err(DeployError::VersionNotFound(format!(
                 "policy `{name}` has no version {number} (kept: {})",
                 kept.join(", ")
@@ -809,10 +813,10 @@ fn prune(entry: &mut Entry) {
     let active = entry.versions[entry.active].version;
     let numbers = entry.versions.iter().rev().map(|v| u64::from(v.version));
     let keep = entry.history.keep(numbers, KEEP_VERSIONS);
-    entry.versions.retain(|v| keep.contains(&u64::from(v.version)));
     entry
-        .history
-        .retain(|v| keep.contains(&v), KEEP_VERSIONS);
+        .versions
+        .retain(|v| keep.contains(&u64::from(v.version)));
+    entry.history.retain(|v| keep.contains(&v), KEEP_VERSIONS);
     entry.active = entry
         .versions
         .iter()

@@ -277,7 +277,11 @@ async fn rollback_after_a_restart_walks_the_saved_history() {
     assert_eq!(rollback(&client, &sluice).await, 1);
     assert_eq!(deploy_pin(&client, &sluice, "vm03").await, 3);
     let sluice = sluice.restart();
-    assert_eq!(serving(&client, &sluice).await, "vm03", "v3 after the restart");
+    assert_eq!(
+        serving(&client, &sluice).await,
+        "vm03",
+        "v3 after the restart"
+    );
     let listing = router_listing(&client, &sluice).await;
     assert_eq!(listing["rollback_to"], 1, "{listing}");
     assert_eq!(
@@ -400,11 +404,7 @@ fn tools_config(vm01: &MockBackend) -> String {
 }
 
 async fn hello(client: &reqwest::Client, sluice: &Sluice) -> String {
-    let response = client
-        .get(sluice.url("/tools/hello"))
-        .send()
-        .await
-        .unwrap();
+    let response = client.get(sluice.url("/tools/hello")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     response.text().await.unwrap()
 }

@@ -146,11 +146,9 @@ impl Book {
         value["can_roll_back"] = rollback_to.is_some().into();
         value["rollback_to"] = serde_json::json!(rollback_to);
         value["versions"] = self.versions.iter().map(|k| k.version).collect();
-        value["history"] = serde_json::to_value(
-            self.history
-                .listing(crate::deploy_history::replica()),
-        )
-        .unwrap_or_default();
+        value["history"] =
+            serde_json::to_value(self.history.listing(crate::deploy_history::replica()))
+                .unwrap_or_default();
     }
 }
 

@@ -420,7 +420,11 @@ impl Workers {
         let name = &current.name;
         let sandbox = self.sandbox.as_ref().ok_or_else(|| unknown(name))?;
         let Some(bytes) = book.module(self.dir.as_deref(), name, version) else {
-            let kept: Vec<String> = book.versions.iter().map(|k| k.version.to_string()).collect();
+            let kept: Vec<String> = book
+                .versions
+                .iter()
+                .map(|k| k.version.to_string())
+                .collect();
             return Err(GatewayError::Admin {
                 status: StatusCode::NOT_FOUND,
                 code: "version_not_found",
