@@ -1,4 +1,5 @@
-// The policy chain: versions, shadows and their differences, deploy by upload, rollback.
+// The policy chain: versions, activation history, shadows and their differences,
+// deploy by upload, rollback, activating a version by number.
 
 import { api, errorOf, getJson, el, clear, $, fmtNum, fmtTime, toast } from './lib.js';
 
@@ -61,7 +62,10 @@ function activeVersion(p) {
 function policyCard(p, report) {
   const active = activeVersion(p);
   const versions = [...(p.versions || [])].sort((a, b) => b.version - a.version);
-  const canRollBack = versions.some((v) => v.version < active);
+  // `rollback_to` is what served before the active version (null: nothing).
+  const rollbackTo = 'rollback_to' in p ? p.rollback_to : null;
+  const canRollBack = 'rollback_to' in p ? rollbackTo !== null : versions.some((v) => v.version < active);
+  const name = encodeURIComponent(p.name);
   return el('article.card.policy', { dataset: { policy: p.name } },
     el('header.policy-head',
       el('span.position', `#${p.position ?? '?'}`),
@@ -72,9 +76,11 @@ function policyCard(p, report) {
       el('span.spacer'),
       el('button.rollback', {
         type: 'button', disabled: !canRollBack,
-        title: canRollBack ? 'make the previous version active' : 'no earlier version',
-        onclick: () => act(`/admin/policies/${encodeURIComponent(p.name)}/rollback`, 'POST', `Rolled back ${p.name}`),
-      }, 'Roll back'),
+        title: canRollBack
+          ? `undo the last change: back to ${rollbackTo === null ? 'the previous version' : `v${rollbackTo}`}, which served before v${active}`
+          : 'nothing served before the active version',
+        onclick: () => act(`/admin/policies/${name}/rollback`, 'POST', `Rolled back ${p.name}`),
+      }, rollbackTo === null ? 'Roll back' : `Roll back to v${rollbackTo}`),
       el('button.danger.remove', {
         type: 'button',
         onclick: () => {
@@ -85,7 +91,7 @@ function policyCard(p, report) {
       }, 'Remove'),
     ),
     el('table.versions',
-      el('thead', el('tr', ['version', '', 'source', 'sha256', 'deployed', 'config'].map((h) => el('th', h)))),
+      el('thead', el('tr', ['version', '', 'source', 'sha256', 'deployed', 'config', ''].map((h) => el('th', h)))),
       el('tbody', versions.map((v) => el(`tr${v.version === active ? '.active' : ''}`, { dataset: { version: v.version } },
         el('td.num', `v${v.version}`),
         el('td', v.version === active ? el('span.badge.ok', 'active') : ''),
@@ -93,8 +99,41 @@ function policyCard(p, report) {
         el('td', el('code', { title: v.sha256 || '' }, (v.sha256 || '').slice(0, 12))),
         el('td', fmtTime(v.deployed_at)),
         el('td', el('code.config', configText(v.config))),
+        el('td', v.version === active ? '' : el('button.activate', {
+          type: 'button',
+          title: `make v${v.version} active (a rollback then returns to v${active})`,
+          onclick: () => act(`/admin/policies/${name}/activate/${v.version}`, 'POST', `Activated ${p.name} v${v.version}`),
+        }, 'Activate')),
       )))),
+    historyTable(p),
     p.shadow ? shadowPanel(p, report) : null,
+  );
+}
+
+const HOW = {
+  config: 'from the config',
+  deploy: 'deployed',
+  rollback: 'rolled back',
+  activate: 'activated by number',
+  promote: 'shadow promoted',
+  restart: 'resumed at a restart',
+};
+
+// Which version served from when to when, and how each came to serve.
+function historyTable(p) {
+  const history = p.history || [];
+  if (!history.length) return null;
+  return el('details.history', { open: history.length <= 6 },
+    el('summary', `Activation history (${history.length})`),
+    el('table.history',
+      el('thead', el('tr', ['version', 'how', 'from', 'until', 'replica'].map((h) => el('th', h)))),
+      el('tbody', history.map((a) => el(`tr${a.until_ms === null || a.until_ms === undefined ? '.active' : ''}`, { dataset: { version: a.version, how: a.how } },
+        el('td.num', `v${a.version}`),
+        el('td', (HOW[a.how] || a.how) + (a.undid ? ` (undid v${a.undid})` : '')),
+        el('td', fmtTime(a.from_ms)),
+        el('td', a.until_ms === null || a.until_ms === undefined ? 'serving' : fmtTime(a.until_ms)),
+        el('td', a.followed ? `${a.replica || '?'} (followed here)` : `${a.replica || '?'} (this replica)`),
+      )))),
   );
 }
 

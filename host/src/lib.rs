@@ -17,8 +17,8 @@
 //! - [`fleet`]: the backends, their live state, health and statistics.
 //! - [`api`]: what the gateway knows of the APIs it speaks (OpenAI bodies,
 //!   server-sent events, token counts).
-//! - [`metrics`], [`problem`], [`text`], [`config`], [`bundled`]: shared at
-//!   the bottom.
+//! - [`metrics`], [`problem`], [`text`], [`deploy_history`], [`config`],
+//!   [`bundled`]: shared at the bottom.
 
 pub mod accounts;
 pub mod api;
@@ -26,6 +26,7 @@ pub mod bundled;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod deploy_history;
 pub mod fleet;
 pub mod metrics;
 pub mod policy;

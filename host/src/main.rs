@@ -88,10 +88,15 @@ enum PolicyAction {
         #[arg(long)]
         shadow: bool,
     },
-    /// List the chain: versions, hashes, sources, which is active.
+    /// List the chain: versions, hashes, sources, which is active, and
+    /// the activation history (which version served when, and how).
     List,
-    /// Make the previous version of NAME active again.
+    /// Undo NAME's last change: the version that served before the active
+    /// one serves again (again: further back).
     Rollback { name: String },
+    /// Make version VERSION of NAME active (a rollback then returns to the
+    /// version active before).
+    Activate { name: String, version: u32 },
     /// Take NAME out of the chain.
     Remove { name: String },
     /// How often NAME's shadow decided differently, with examples.
@@ -303,6 +308,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
                 PolicyAction::Rollback { name } => {
                     let path = format!("/admin/policies/{name}/rollback");
+                    client.call(Method::POST, &path, Default::default()).await?
+                }
+                PolicyAction::Activate { name, version } => {
+                    let path = format!("/admin/policies/{name}/activate/{version}");
                     client.call(Method::POST, &path, Default::default()).await?
                 }
                 PolicyAction::Remove { name } => {

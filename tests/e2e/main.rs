@@ -12,6 +12,7 @@ mod errors;
 mod fleet;
 mod guard;
 mod replicas;
+mod rollback;
 mod routing;
 mod streaming;
 mod usage;

@@ -1,5 +1,5 @@
-//! The admin API, on its own listener: deploy, list, roll back, remove and
-//! shadow policies. Every call needs the admin bearer token when one is
+//! The admin API, on its own listener: deploy, list, roll back, activate,
+//! remove and shadow policies. Every call needs the admin bearer token when one is
 //! configured (compared in constant time); without one the listener only
 //! binds to loopback.
 
@@ -203,12 +203,27 @@ impl Admin {
             (&Method::POST, ["admin", "workers", name, "rollback"]) => {
                 json(StatusCode::OK, &self.gateway.workers.rollback(name).await?)
             }
+            (&Method::POST, ["admin", "workers", name, "activate", version]) => {
+                let version = version_number(version)?;
+                json(
+                    StatusCode::OK,
+                    &self
+                        .gateway
+                        .workers
+                        .activate(name, u64::from(version))
+                        .await?,
+                )
+            }
             (&Method::DELETE, ["admin", "policies", name]) => {
                 deployer.remove(name).await?;
                 json(StatusCode::OK, &serde_json::json!({"removed": name}))
             }
             (&Method::POST, ["admin", "policies", name, "rollback"]) => {
                 json(StatusCode::OK, &deployer.rollback(name).await?)
+            }
+            (&Method::POST, ["admin", "policies", name, "activate", version]) => {
+                let version = version_number(version)?;
+                json(StatusCode::OK, &deployer.activate(name, version).await?)
             }
             (&Method::GET, ["admin", "policies", name, "shadow"]) => {
                 json(StatusCode::OK, &deployer.shadow_report(name).await?)
@@ -393,6 +408,15 @@ fn usage_query(query: &str) -> Result<crate::usage::UsageQuery, GatewayError> {
     Ok(usage)
 }
 
+/// The `{version}` of `…/activate/{version}`.
+fn version_number(text: &str) -> Result<u32, GatewayError> {
+    text.parse().map_err(|_| GatewayError::BadRequest {
+        message: format!("`{text}` is not a version number."),
+        code: "invalid_parameter",
+        param: None,
+    })
+}
+
 fn internal(message: String) -> GatewayError {
     GatewayError::Admin {
         status: StatusCode::INTERNAL_SERVER_ERROR,
@@ -408,6 +432,7 @@ impl From<DeployError> for GatewayError {
             DeployError::NotFound(_) => (StatusCode::NOT_FOUND, "policy_not_found"),
             DeployError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             DeployError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+            DeployError::VersionNotFound(_) => (StatusCode::NOT_FOUND, "version_not_found"),
         };
         GatewayError::Admin {
             status,

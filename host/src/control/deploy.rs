@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::config::{OnError, PolicyConfig};
+use crate::deploy_history::{ActivationListing, History, How};
 use crate::fleet::LiveFleet;
 use crate::policy::{
     self, Chain, ChainEntry, LoadedPolicy, PolicySpec, Runtime, Shadow, ShadowStats,
@@ -38,6 +39,9 @@ pub enum DeployError {
     Conflict(String),
     #[error("{0:#}")]
     Internal(anyhow::Error),
+    /// A version number that is not (or no longer) kept: 404.
+    #[error("{0}")]
+    VersionNotFound(String),
 }
 
 /// One version of a policy, as listed and persisted.
@@ -62,6 +66,10 @@ struct Entry {
     /// Index into `versions` of the active one.
     active: usize,
     next_version: u32,
+    /// Which version served when; what a rollback returns to. Absent from
+    /// state files written before it was kept (a restart starts it).
+    #[serde(default)]
+    history: History,
 }
 
 /// What `deploy` was asked to do beyond the bytes.
@@ -85,6 +93,10 @@ pub struct PolicyListing {
     pub active_version: u32,
     pub versions: Vec<VersionListing>,
     pub shadow: Option<VersionListing>,
+    /// The version a rollback returns to, if any.
+    pub rollback_to: Option<u64>,
+    /// Activations, newest first.
+    pub history: Vec<ActivationListing>,
 }
 
 #[derive(Debug, Serialize)]
@@ -134,6 +146,7 @@ impl Deployer {
             Some(dir) => read_state(dir)?,
             None => None,
         };
+        let restored = saved.is_some();
         let entries = match saved {
             Some(entries) => {
                 tracing::info!(state = %state_file(state_dir.as_deref().unwrap_or(Path::new("."))).display(), "policy chain restored from the state directory");
@@ -170,8 +183,22 @@ impl Deployer {
             state_dir,
             last_seen: Default::default(),
         };
-        deployer.persist(&*deployer.state.lock().await)?;
+        deployer.record_start(restored).await?;
         Ok(deployer)
+    }
+
+    /// Persists the state at start, under the shared directory's lock;
+    /// a restored policy's history records that this replica resumed it.
+    async fn record_start(&self, restored: bool) -> anyhow::Result<()> {
+        let mut state = self.state.lock().await;
+        let _store = self.lock_store(&mut state).await?;
+        if restored {
+            for entry in &mut state.entries {
+                let active = u64::from(entry.versions[entry.active].version);
+                entry.history.restarted(active);
+            }
+        }
+        self.persist(&state)
     }
 
     /// The live chain; requests load it once and keep it to their end.
@@ -244,6 +271,9 @@ impl Deployer {
                 } else {
                     entry.versions.push(version.clone());
                     entry.active = entry.versions.len() - 1;
+                    entry
+                        .history
+                        .activate(u64::from(version.version), How::Deploy);
                     prune(entry);
                     state.loaded[i] = loaded;
                 }
@@ -262,6 +292,7 @@ impl Deployer {
                         versions: vec![version.clone()],
                         active: 0,
                         next_version: 2,
+                        history: History::begin(1, How::Deploy),
                     },
                 );
                 state.loaded.insert(position, loaded);
@@ -273,18 +304,84 @@ impl Deployer {
         Ok(version)
     }
 
-    /// Makes the version before the active one active again.
+    /// Undoes the last change to `name`: the version that served before
+    /// the active one became active serves again. A second rollback walks
+    /// further back (see [`crate::deploy_history`]); 409 when nothing
+    /// served before.
     pub async fn rollback(&self, name: &str) -> Result<Version, DeployError> {
         let mut state = self.state.lock().await;
         let _store = self.lock_store(&mut state).await?;
         let i = index(&state, name)?;
         let entry = &state.entries[i];
-        if entry.active == 0 {
+        let Some(target) = entry.history.rollback_target() else {
             return Err(DeployError::Conflict(format!(
-                "policy `{name}` has no earlier version to roll back to"
+                "policy `{name}` has no earlier version to roll back to: nothing served before version {}",
+                entry.versions[entry.active].version
+            )));
+        };
+        let Some(position) = entry
+            .versions
+            .iter()
+            .position(|v| u64::from(v.version) == target)
+        else {
+            return Err(DeployError::Conflict(format!(
+                "policy `{name}`: version {target}, which served before, is no longer kept"
+            )));
+        };
+        let version = self.switch(&mut state, i, position).await?;
+        state.entries[i].history.roll_back();
+        self.commit(&state)?;
+        tracing::info!(
+            policy = name,
+            version = version.version,
+            "policy rolled back"
+        );
+        Ok(version)
+    }
+
+    /// Makes the kept version numbered `number` active; a rollback then
+    /// returns to the version active before.
+    pub async fn activate(&self, name: &str, number: u32) -> Result<Version, DeployError> {
+        let mut state = self.state.lock().await;
+        let _store = self.lock_store(&mut state).await?;
+        let i = index(&state, name)?;
+        let entry = &state.entries[i];
+        let Some(position) = entry.versions.iter().position(|v| v.version == number) else {
+            let kept: Vec<String> = entry
+                .versions
+                .iter()
+                .map(|v| v.version.to_string())
+                .collect();
+            return Err(DeployError::VersionNotFound(format!(
+                "policy `{name}` has no version {number} (kept: {})",
+                kept.join(", ")
+            )));
+        };
+        if position == entry.active {
+            return Err(DeployError::Conflict(format!(
+                "version {number} of policy `{name}` is already active"
             )));
         }
-        let version = entry.versions[entry.active - 1].clone();
+        let version = self.switch(&mut state, i, position).await?;
+        state.entries[i]
+            .history
+            .activate(u64::from(number), How::Activate);
+        prune(&mut state.entries[i]);
+        self.commit(&state)?;
+        tracing::info!(policy = name, version = number, "policy version activated");
+        Ok(version)
+    }
+
+    /// Loads `versions[position]` of entry `i` and makes it the active
+    /// one (not yet committed; the history is the caller's).
+    async fn switch(
+        &self,
+        state: &mut State,
+        i: usize,
+        position: usize,
+    ) -> Result<Version, DeployError> {
+        let entry = &state.entries[i];
+        let version = entry.versions[position].clone();
         let loaded = load_version(
             &self.runtime,
             &self.fleet.load(),
@@ -294,14 +391,8 @@ impl Deployer {
         )
         .await
         .map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
-        state.entries[i].active -= 1;
+        state.entries[i].active = position;
         state.loaded[i] = Arc::new(loaded);
-        self.commit(&state)?;
-        tracing::info!(
-            policy = name,
-            version = version.version,
-            "policy rolled back"
-        );
         Ok(version)
     }
 
@@ -348,6 +439,9 @@ impl Deployer {
         };
         if promote {
             let entry = &mut state.entries[i];
+            entry
+                .history
+                .activate(u64::from(version.version), How::Promote);
             entry.versions.push(version);
             entry.active = entry.versions.len() - 1;
             prune(entry);
@@ -385,6 +479,8 @@ impl Deployer {
                         version: v.clone(),
                         active: false,
                     }),
+                rollback_to: entry.history.rollback_target(),
+                history: entry.history.listing(crate::deploy_history::replica()),
             })
             .collect()
     }
@@ -711,12 +807,21 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
+/// Keeps every version a rollback can reach, then the newest others, up
+/// to [`KEEP_VERSIONS`].
 fn prune(entry: &mut Entry) {
-    if entry.versions.len() > KEEP_VERSIONS {
-        let excess = entry.versions.len() - KEEP_VERSIONS;
-        entry.versions.drain(..excess);
-        entry.active = entry.active.saturating_sub(excess);
-    }
+    let active = entry.versions[entry.active].version;
+    let numbers = entry.versions.iter().rev().map(|v| u64::from(v.version));
+    let keep = entry.history.keep(numbers, KEEP_VERSIONS);
+    entry
+        .versions
+        .retain(|v| keep.contains(&u64::from(v.version)));
+    entry.history.retain(|v| keep.contains(&v), KEEP_VERSIONS);
+    entry.active = entry
+        .versions
+        .iter()
+        .position(|v| v.version == active)
+        .unwrap_or(0);
 }
 
 /// How long a change waits for another replica's change to the shared
@@ -778,6 +883,7 @@ fn seed_entries(configs: &[PolicyConfig], state_dir: Option<&Path>) -> anyhow::R
                 }],
                 active: 0,
                 next_version: 2,
+                history: History::begin(1, How::Config),
             })
         })
         .collect()

@@ -5,10 +5,13 @@
 //!
 //! A worker is declared in `[[workers]]` (name, route, module, outbound
 //! allow-list); the admin API replaces its module under load
-//! (`PUT /admin/workers/NAME`) or rolls it back. A request in flight keeps
-//! the version it started with; the next one gets the new version. Deployed
-//! modules are kept in the state directory, so a restart serves them.
+//! (`PUT /admin/workers/NAME`), rolls it back or activates a kept version
+//! by number, with the same undo rule as policies
+//! ([`crate::deploy_history`]). A request in flight keeps the version it
+//! started with; the next one gets the new version. Deployed modules are
+//! kept in the state directory, so a restart serves them.
 
+mod book;
 pub mod outbound;
 mod sandbox;
 
@@ -27,6 +30,8 @@ use wasmtime_wasi_http::handler::{ExpirationError, ProxyHandler};
 use crate::config::WorkerConfig;
 use crate::dataplane::body::Body;
 use crate::dataplane::errors::GatewayError;
+use crate::deploy_history::How;
+use book::Book;
 pub use sandbox::Kind;
 use sandbox::{Bounds, Sandbox, Version};
 
@@ -46,8 +51,6 @@ pub struct Mounted {
     config: WorkerConfig,
     bytes: Arc<[u8]>,
     handler: ProxyHandler<Version>,
-    /// What a rollback returns to.
-    previous: Option<Arc<Mounted>>,
 }
 
 impl Mounted {
@@ -56,24 +59,6 @@ impl Mounted {
             path == self.prefix
         } else {
             path.starts_with(&self.prefix) || path == self.prefix.trim_end_matches('/')
-        }
-    }
-
-    /// This version again, numbered `version`, remembering `previous` for
-    /// a rollback (without its own history: one step back is kept).
-    fn as_version(&self, version: u64, previous: Option<&Mounted>) -> Mounted {
-        Mounted {
-            name: self.name.clone(),
-            route: self.route.clone(),
-            prefix: self.prefix.clone(),
-            exact: self.exact,
-            kind: self.kind,
-            version,
-            sha256: self.sha256.clone(),
-            config: self.config.clone(),
-            bytes: self.bytes.clone(),
-            handler: self.handler.clone(),
-            previous: previous.map(|p| Arc::new(p.as_version(p.version, None))),
         }
     }
 
@@ -87,7 +72,6 @@ impl Mounted {
             "allowed_hosts": self.config.allowed_hosts,
             "timeout_ms": self.config.timeout.as_millis() as u64,
             "memory_limit": self.config.memory_limit,
-            "can_roll_back": self.previous.is_some(),
         })
     }
 }
@@ -100,6 +84,8 @@ pub struct Workers {
     mounted: ArcSwap<Vec<Arc<Mounted>>>,
     /// One deploy or rollback at a time.
     deploys: tokio::sync::Mutex<()>,
+    /// Per worker name: its kept versions and activation history.
+    books: std::sync::Mutex<std::collections::HashMap<String, Book>>,
     dir: Option<PathBuf>,
     max_body_bytes: u64,
 }
@@ -119,14 +105,17 @@ impl Workers {
                 permits: Default::default(),
                 mounted: ArcSwap::from_pointee(Vec::new()),
                 deploys: tokio::sync::Mutex::new(()),
+                books: Default::default(),
                 dir,
                 max_body_bytes,
             });
         }
         let sandbox = Sandbox::new()?;
         let mut mounted = Vec::new();
+        let mut books = std::collections::HashMap::new();
         for config in configs {
             let saved = dir.as_ref().and_then(|d| saved(d, &config.name));
+            let restored = saved.is_some();
             let (bytes, version) = match saved {
                 Some(saved) => saved,
                 None => {
@@ -136,8 +125,19 @@ impl Workers {
                     (bytes, 1)
                 }
             };
-            let worker = mount(&sandbox, config, bytes.into(), version, None)
+            let bytes: Arc<[u8]> = bytes.into();
+            let worker = mount(&sandbox, config, bytes.clone(), version)
                 .with_context(|| format!("workers `{}`", config.name))?;
+            let book = Book::at_start(
+                dir.as_deref(),
+                &config.name,
+                version,
+                &worker.sha256,
+                &bytes,
+                restored,
+            )
+            .with_context(|| format!("workers `{}`: saving its history", config.name))?;
+            books.insert(config.name.clone(), book);
             tracing::info!(
                 worker = config.name,
                 route = config.route,
@@ -164,6 +164,7 @@ impl Workers {
             permits,
             mounted: ArcSwap::from_pointee(mounted),
             deploys: tokio::sync::Mutex::new(()),
+            books: std::sync::Mutex::new(books),
             dir,
             max_body_bytes,
         })
@@ -180,7 +181,18 @@ impl Workers {
 
     pub fn list(&self) -> serde_json::Value {
         let mounted = self.mounted.load();
-        serde_json::Value::Array(mounted.iter().map(|w| w.describe()).collect())
+        serde_json::Value::Array(mounted.iter().map(|w| self.describe(w)).collect())
+    }
+
+    /// A worker as listed: the mounted version and its book.
+    fn describe(&self, worker: &Mounted) -> serde_json::Value {
+        let mut value = worker.describe();
+        if let Ok(books) = self.books.lock() {
+            if let Some(book) = books.get(&worker.name) {
+                book.describe(&mut value);
+            }
+        }
+        value
     }
 
     /// Passes one request to a fresh instance of `worker` and streams its
@@ -299,45 +311,136 @@ impl Workers {
         let _one = self.deploys.lock().await;
         let current = self.find(name)?;
         let sandbox = self.sandbox.as_ref().ok_or_else(|| unknown(name))?;
-        let version = current.version + 1;
+        let mut book = self.book(name)?;
+        let version = book.next_version;
         let bytes: Arc<[u8]> = bytes.into();
-        let next =
-            mount(sandbox, &current.config, bytes, version, Some(&current)).map_err(|e| {
-                GatewayError::Admin {
-                    status: StatusCode::BAD_REQUEST,
-                    code: "invalid_module",
-                    message: format!("Worker `{name}` was not replaced: {e:#}"),
-                }
-            })?;
-        self.install(next, "worker deployed")
+        let next = mount(sandbox, &current.config, bytes.clone(), version).map_err(|e| {
+            GatewayError::Admin {
+                status: StatusCode::BAD_REQUEST,
+                code: "invalid_module",
+                message: format!("Worker `{name}` was not replaced: {e:#}"),
+            }
+        })?;
+        book.add(self.dir.as_deref(), name, version, &next.sha256, &bytes)
+            .map_err(|e| self.write_failed(name, e))?;
+        book.history.activate(version, How::Deploy);
+        book.prune(self.dir.as_deref(), name);
+        self.install(next, book, "worker deployed")
     }
 
-    /// Puts the version before the current one back, as a new version (a
-    /// second rollback returns to the one rolled away from). Its compiled
-    /// module is reused.
+    /// Undoes the last change to `name`: the version that served before
+    /// the current one serves again (a second rollback walks further
+    /// back). Its module is compiled again from the kept copy.
     pub async fn rollback(&self, name: &str) -> Result<serde_json::Value, GatewayError> {
         let _one = self.deploys.lock().await;
         let current = self.find(name)?;
-        let Some(previous) = current.previous.clone() else {
+        let mut book = self.book(name)?;
+        let Some(target) = book.history.rollback_target() else {
             return Err(GatewayError::Admin {
                 status: StatusCode::CONFLICT,
                 code: "nothing_to_roll_back",
-                message: format!("Worker `{name}` has no earlier version in this process."),
+                message: format!(
+                    "Worker `{name}` has no earlier version to roll back to: nothing served before version {}.",
+                    current.version
+                ),
             });
         };
-        self.install(
-            previous.as_version(current.version + 1, Some(&current)),
-            "worker rolled back",
-        )
+        let next = self.remount(&current, &book, target)?;
+        book.history.roll_back();
+        self.install(next, book, "worker rolled back")
     }
 
-    /// Saves `next` for restarts, then serves it from the next request on.
-    fn install(&self, next: Mounted, what: &str) -> Result<serde_json::Value, GatewayError> {
+    /// Makes kept version `version` of `name` serve; a rollback then
+    /// returns to the version serving before.
+    pub async fn activate(
+        &self,
+        name: &str,
+        version: u64,
+    ) -> Result<serde_json::Value, GatewayError> {
+        let _one = self.deploys.lock().await;
+        let current = self.find(name)?;
+        let mut book = self.book(name)?;
+        if current.version == version {
+            return Err(GatewayError::Admin {
+                status: StatusCode::CONFLICT,
+                code: "conflict",
+                message: format!("Version {version} of worker `{name}` is already active."),
+            });
+        }
+        let next = self.remount(&current, &book, version)?;
+        book.history.activate(version, How::Activate);
+        book.prune(self.dir.as_deref(), name);
+        self.install(next, book, "worker version activated")
+    }
+
+    /// Kept `version` of `current`'s worker, compiled and mounted again.
+    fn remount(
+        &self,
+        current: &Mounted,
+        book: &Book,
+        version: u64,
+    ) -> Result<Mounted, GatewayError> {
+        let name = &current.name;
+        let sandbox = self.sandbox.as_ref().ok_or_else(|| unknown(name))?;
+        let Some(bytes) = book.module(self.dir.as_deref(), name, version) else {
+            let kept: Vec<String> = book
+                .versions
+                .iter()
+                .map(|k| k.version.to_string())
+                .collect();
+            return Err(GatewayError::Admin {
+                status: StatusCode::NOT_FOUND,
+                code: "version_not_found",
+                message: format!(
+                    "Worker `{name}` has no version {version} (kept: {}).",
+                    kept.join(", ")
+                ),
+            });
+        };
+        mount(sandbox, &current.config, bytes, version).map_err(|e| GatewayError::Admin {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal_error",
+            message: format!("Worker `{name}` version {version} no longer mounts: {e:#}"),
+        })
+    }
+
+    /// A copy of `name`'s book to change; [`Workers::install`] puts it back.
+    fn book(&self, name: &str) -> Result<Book, GatewayError> {
+        self.books
+            .lock()
+            .ok()
+            .and_then(|books| books.get(name).cloned())
+            .ok_or_else(|| unknown(name))
+    }
+
+    /// Saves `next` and its book for restarts, then serves it from the
+    /// next request on.
+    fn install(
+        &self,
+        next: Mounted,
+        book: Book,
+        what: &str,
+    ) -> Result<serde_json::Value, GatewayError> {
         self.save(&next)?;
-        let described = next.describe();
+        book.save(self.dir.as_deref(), &next.name)
+            .map_err(|e| self.write_failed(&next.name, e))?;
+        let mut described = next.describe();
+        book.describe(&mut described);
+        if let Ok(mut books) = self.books.lock() {
+            books.insert(next.name.clone(), book);
+        }
         tracing::info!(worker = next.name, version = next.version, "{what}");
         self.swap(Arc::new(next));
         Ok(described)
+    }
+
+    fn write_failed(&self, name: &str, e: std::io::Error) -> GatewayError {
+        let dir = self.dir.as_deref().unwrap_or(Path::new("."));
+        GatewayError::Admin {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "state_write_failed",
+            message: format!("Saving worker `{name}` in {}: {e}", dir.display()),
+        }
     }
 
     fn find(&self, name: &str) -> Result<Arc<Mounted>, GatewayError> {
@@ -411,7 +514,6 @@ fn mount(
     config: &WorkerConfig,
     bytes: Arc<[u8]>,
     version: u64,
-    previous: Option<&Mounted>,
 ) -> anyhow::Result<Mounted> {
     let (pre, kind) = sandbox.compile(&bytes)?;
     let allowed = config
@@ -450,6 +552,5 @@ fn mount(
             pre,
             bounds,
         }),
-        previous: previous.map(|p| Arc::new(p.as_version(p.version, None))),
     })
 }
