@@ -565,7 +565,10 @@ async fn memory_stays_flat_over_many_deploys() {
         .ok()
         .map(|v| v.parse().expect("SLUICE_E2E_DEPLOYS is a number"))
         .unwrap_or(300);
-    assert!(deploys > 100, "SLUICE_E2E_DEPLOYS must be over 100 (the warm-up)");
+    assert!(
+        deploys > 100,
+        "SLUICE_E2E_DEPLOYS must be over 100 (the warm-up)"
+    );
     let vm01 = mock("vm01", &["m"]).await;
     let vm02 = mock("vm02", &["m"]).await;
     let sluice = Sluice::start(&pinned(&vm01.url(), &vm02.url(), "vm01"));

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use sluice::mock::MockBackend;
+use sluice::tools::mock::MockBackend;
 
 use crate::common::*;
 

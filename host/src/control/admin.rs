@@ -410,10 +410,11 @@ fn usage_query(query: &str) -> Result<crate::usage::UsageQuery, GatewayError> {
 
 /// The `{version}` of `…/activate/{version}`.
 fn version_number(text: &str) -> Result<u32, GatewayError> {
-    text.parse().map_err(|_| GatewayError::BadRequest {
-        message: format!("`{text}` is not a version number."),
-        code: "invalid_parameter",
-        param: None,
+    text.parse().map_err(|_| {
+        GatewayError::bad_request(
+            format!("`{text}` is not a version number."),
+            "invalid_parameter",
+        )
     })
 }
 
