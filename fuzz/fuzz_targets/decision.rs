@@ -11,9 +11,9 @@ use std::sync::Arc;
 use arbitrary::Arbitrary;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
+use sluice::api::openai::{Endpoint, RequestHead};
 use sluice::config::BackendConfig;
 use sluice::fleet::Fleet;
-use sluice::api::openai::{Endpoint, RequestHead};
 use sluice::policy::contract::{Decision, RejectSpec, TargetSpec};
 use sluice::policy::{check_decision, PolicyRequest};
 

@@ -20,14 +20,14 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
-use sluice::dataplane::accounting::{Accounting, Ledger};
-use sluice::config::{BackendConfig, OnError, PolicyConfig, PolicyRuntimeConfig};
-use sluice::dataplane::filter::Filter;
-use sluice::fleet::Fleet;
 use sluice::api::openai::Endpoint;
+use sluice::config::{BackendConfig, OnError, PolicyConfig, PolicyRuntimeConfig};
+use sluice::dataplane::accounting::{Accounting, Ledger};
+use sluice::dataplane::filter::Filter;
+use sluice::dataplane::forward::Answer;
+use sluice::fleet::Fleet;
 use sluice::policy::contract::RequestInfo;
 use sluice::policy::{Chain, Route, Runtime, Scope};
-use sluice::dataplane::forward::Answer;
 use tokio::io::AsyncWriteExt;
 
 /// What the text is made of: words to mask, their halves, case variants,

@@ -121,7 +121,8 @@ macro_rules! fuzz_target {
     };
 }
 
-#[allow(unused_attributes, unused_imports)] // the targets' `#![no_main]`, and their `use libfuzzer_sys::fuzz_target` (the macro above is in scope already)
+#[allow(unused_attributes, unused_imports)]
+// the targets' `#![no_main]`, and their `use libfuzzer_sys::fuzz_target` (the macro above is in scope already)
 #[path = "../../fuzz_targets/config.rs"]
 pub mod config;
 #[allow(unused_attributes, unused_imports)]
@@ -142,12 +143,53 @@ const MAX_LEN: usize = 65536;
 
 /// Tokens the mutator inserts: the syntax the targets parse.
 const TOKENS: &[&[u8]] = &[
-    b"data:", b"data: ", b"\n\n", b"\r\n", b"\r", b"\n", b": ping\n\n", b"[DONE]", b"event:",
-    b"{", b"}", b"[", b"]", b"\"", b"\\", b"\\u0000", b"\\ud83d", b":", b",", b"null", b"true",
-    b"false", b"0", b"-1", b"1e999", b"18446744073709551616", b"\"model\"", b"\"stream\"",
-    b"\"stream_options\"", b"\"include_usage\"", b"\"messages\"", b"=", b"[server]", b"[[backends]]",
-    b"[[policies]]", b"ms", b"s", b"KiB", b"MiB", b"GiB", b"secret", "机密".as_bytes(),
-    "é".as_bytes(), "😀".as_bytes(), b"\xff", b"\xc3", b"\xe6\x9c",
+    b"data:",
+    b"data: ",
+    b"\n\n",
+    b"\r\n",
+    b"\r",
+    b"\n",
+    b": ping\n\n",
+    b"[DONE]",
+    b"event:",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b"\"",
+    b"\\",
+    b"\\u0000",
+    b"\\ud83d",
+    b":",
+    b",",
+    b"null",
+    b"true",
+    b"false",
+    b"0",
+    b"-1",
+    b"1e999",
+    b"18446744073709551616",
+    b"\"model\"",
+    b"\"stream\"",
+    b"\"stream_options\"",
+    b"\"include_usage\"",
+    b"\"messages\"",
+    b"=",
+    b"[server]",
+    b"[[backends]]",
+    b"[[policies]]",
+    b"ms",
+    b"s",
+    b"KiB",
+    b"MiB",
+    b"GiB",
+    b"secret",
+    "机密".as_bytes(),
+    "é".as_bytes(),
+    "😀".as_bytes(),
+    b"\xff",
+    b"\xc3",
+    b"\xe6\x9c",
 ];
 
 struct Rng(u64);
@@ -402,7 +444,11 @@ mod tests {
 
     #[test]
     fn sse_parser() {
-        smoke("sse_parser", sse_parser::__smoke_init, sse_parser::__smoke_run);
+        smoke(
+            "sse_parser",
+            sse_parser::__smoke_init,
+            sse_parser::__smoke_run,
+        );
     }
 
     #[test]
