@@ -7,6 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use sluice::accounts::consumers::hash_key;
+use sluice::tools::mock::Flavor;
 
 use crate::common::*;
 
@@ -441,5 +442,78 @@ async fn two_replicas_share_one_limit_through_redis() {
     eprintln!(
         "Redis back -> fail-closed replica admitting again in {:?}",
         back.elapsed()
+    );
+}
+
+/// Sends one Redis command (RESP) and returns the first line of its answer.
+fn redis_command(redis: &Redis, args: &[&str]) -> String {
+    use std::io::{BufRead, Write};
+    let url = redis.url();
+    let addr = url
+        .trim_start_matches("redis://")
+        .trim_end_matches("/0")
+        .to_string();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let mut command = format!("*{}\r\n", args.len());
+    for a in args {
+        command.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    stream.write_all(command.as_bytes()).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(stream)
+        .read_line(&mut line)
+        .unwrap();
+    line.trim().to_string()
+}
+
+/// A concurrency slot whose release the store did not answer (Redis
+/// paused for writes while the stream ended) is given back once Redis
+/// answers again: the consumer's one slot is free for its next request,
+/// and giving back again changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrency_slot_comes_back_after_the_store_missed_its_release() {
+    let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 50, 40)).await;
+    let redis = Redis::start();
+    let sluice = Sluice::start(&format!(
+        "[limits]\nredis_url = {:?}\nredis_timeout = \"200ms\"\n{}{}",
+        redis.url(),
+        consumer("gail", "sk-gail", "max_concurrent_requests = 1"),
+        backend("vm01", &vm01.url(), &["m"], ""),
+    ));
+    let client = client();
+    let first = chat_as(&client, &sluice, Some("sk-gail"), &stream_chat("m")).await;
+    assert_eq!(first.status(), 200);
+    // Writes wait for 3 s: the 2 s stream ends in that time, and the slot's
+    // release times out.
+    assert_eq!(
+        redis_command(&redis, &["CLIENT", "PAUSE", "3000", "WRITE"]),
+        "+OK"
+    );
+    let text = first.text().await.unwrap();
+    assert!(text.contains("[DONE]"), "{text}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let next = chat_as(&client, &sluice, Some("sk-gail"), &chat("m")).await;
+        match next.status().as_u16() {
+            200 => break,
+            429 | 503 if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            other => panic!(
+                "the slot never came back ({other}): {}",
+                next.text().await.unwrap_or_default()
+            ),
+        }
+    }
+    // Exactly one slot again: two at once, one is refused.
+    let slow = chat_as(&client, &sluice, Some("sk-gail"), &stream_chat("m")).await;
+    assert_eq!(slow.status(), 200);
+    let second = chat_as(&client, &sluice, Some("sk-gail"), &chat("m")).await;
+    assert_eq!(second.status(), 429, "the limit is still one");
+    drop(slow);
+    let metrics = get_text(&client, &sluice.url("/metrics")).await;
+    assert!(
+        metric(&metrics, "sluice_limit_store_errors_total").unwrap_or(0.0) >= 1.0,
+        "the missed release is counted"
     );
 }

@@ -277,10 +277,15 @@ impl Limiter {
                     Ok(Ok(code)) => Hit::from_code(code),
                     Ok(Err(e)) => return self.store_failed(&consumer.name, e.to_string()),
                     Err(_) => {
+                        // The script may still run once the store answers
+                        // (it was sent): take back the slot it would hold.
+                        if let Some(slot) = slot {
+                            self.release(&consumer.name, slot);
+                        }
                         return self.store_failed(
                             &consumer.name,
                             format!("no answer within {:?}", self.timeout),
-                        )
+                        );
                     }
                 }
             }
