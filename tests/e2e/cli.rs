@@ -146,14 +146,14 @@ fn serve_without_a_config_says_so() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/sluice.toml"));
 }
 
-/// Starts `sluice serve` on a free data-plane port and no `--admin-listen`,
-/// and returns the child and the addresses it printed.
-fn serve_with_default_admin(config: &std::path::Path) -> (std::process::Child, String, String) {
+/// Starts `command` (the binary, stdout piped) and reads its stdout until
+/// a line starts with `last` (60 s at most): the child and the lines read.
+fn started_until(
+    mut command: std::process::Command,
+    last: &str,
+) -> (std::process::Child, Vec<String>) {
     use std::io::BufRead;
-    let mut child = std::process::Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(config)
-        .env_remove("SLUICE_ADMIN_LISTEN")
+    let mut child = command
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -161,27 +161,37 @@ fn serve_with_default_admin(config: &std::path::Path) -> (std::process::Child, S
         .expect("starting sluice");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
+    let wanted = last.to_string();
     std::thread::spawn(move || {
-        let mut admin = String::new();
+        let mut lines = Vec::new();
         for line in std::io::BufReader::new(stdout)
             .lines()
             .map_while(Result::ok)
         {
-            if let Some(addr) = line.strip_prefix("admin listening on http://") {
-                admin = addr.to_string();
-            }
-            if let Some(addr) = line.strip_prefix("sluice listening on http://") {
-                let _ = tx.send((addr.to_string(), admin.clone()));
+            let done = line.starts_with(&wanted);
+            lines.push(line);
+            if done {
+                let _ = tx.send(std::mem::take(&mut lines));
             }
         }
     });
     match rx.recv_timeout(std::time::Duration::from_secs(60)) {
-        Ok((addr, admin)) => (child, addr, admin),
+        Ok(lines) => (child, lines),
         Err(_) => {
             let _ = child.kill();
-            panic!("sluice did not start while the default admin port was taken");
+            panic!("sluice printed no line starting with `{last}`");
         }
     }
+}
+
+/// The text after `prefix` on the first line that has it.
+fn after(lines: &[String], prefix: &str) -> String {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` in {lines:?}"))
+        .trim()
+        .to_string()
 }
 
 #[tokio::test]
@@ -192,7 +202,14 @@ async fn a_second_gateway_starts_when_the_default_admin_port_is_taken() {
     let vm01 = mock("vm01", &["m"]).await;
     let dir = TempDir::new();
     let config = dir.write("sluice.toml", backend("vm01", &vm01.url(), &["m"], ""));
-    let (mut child, addr, admin) = serve_with_default_admin(&config);
+    let mut serve = std::process::Command::new(BIN);
+    serve
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .env_remove("SLUICE_ADMIN_LISTEN");
+    let (mut child, lines) = started_until(serve, "sluice listening on");
+    let addr = after(&lines, "sluice listening on http://");
+    let admin = after(&lines, "admin listening on http://");
     let client = client();
     let answer = client
         .post(format!("http://{addr}/v1/chat/completions"))
@@ -217,36 +234,12 @@ async fn a_second_gateway_starts_when_the_default_admin_port_is_taken() {
 
 #[tokio::test]
 async fn the_demo_serves_its_console_and_prints_where() {
-    use std::io::BufRead;
-    let mut child = std::process::Command::new(BIN)
-        .args(["demo", "--listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("starting the demo");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut gateway = String::new();
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(addr) = line.strip_prefix("Sluice demo: gateway on http://") {
-                gateway = addr.trim().to_string();
-            }
-            if let Some(rest) = line.strip_prefix("Console: http://") {
-                let console = rest.split('/').next().unwrap_or_default().to_string();
-                let _ = tx.send((gateway.clone(), console));
-            }
-        }
-    });
-    let started = rx.recv_timeout(std::time::Duration::from_secs(60));
-    let Ok((gateway, console)) = started else {
-        let _ = child.kill();
-        panic!("the demo printed no console address");
-    };
+    let mut demo = std::process::Command::new(BIN);
+    demo.args(["demo", "--listen", "127.0.0.1:0"]);
+    let (mut child, lines) = started_until(demo, "Console: http://");
+    let gateway = after(&lines, "Sluice demo: gateway on http://");
+    let console = after(&lines, "Console: http://");
+    let console = console.split('/').next().unwrap_or_default().to_string();
     let client = client();
     let page = client.get(format!("http://{console}/")).send().await;
     let fleet = client
