@@ -35,9 +35,6 @@ use book::Book;
 pub use sandbox::Kind;
 use sandbox::{Bounds, Sandbox, Version};
 
-/// `/tools/*` → `/tools/` (the prefix and everything under it); an exact
-/// path is returned as is.
-
 /// One version of one worker, mounted on its route.
 pub struct Mounted {
     pub name: String,
