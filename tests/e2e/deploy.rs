@@ -512,21 +512,7 @@ async fn the_cli_deploys_lists_and_rolls_back() {
     );
     let client = client();
     let config = sluice.dir.write("pin.json", r#"{"default": "vm02"}"#);
-    let admin = sluice.admin_url("");
-    let cli = |args: &[&str]| {
-        let output = std::process::Command::new(BIN)
-            .arg("policy")
-            .args(args)
-            .env("SLUICE_ADMIN_URL", &admin)
-            .env("SLUICE_ADMIN_TOKEN", "tok")
-            .output()
-            .unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned()
-                + &String::from_utf8_lossy(&output.stderr),
-        )
-    };
+    let cli = |args: &[&str]| policy_cli(&sluice, "tok", args);
     let (ok, out) = cli(&[
         "deploy",
         "pin",

@@ -339,21 +339,7 @@ async fn a_version_is_activated_by_number() {
     assert_eq!(rollback(&client, &sluice).await, 3, "back to before it");
     assert_eq!(serving(&client, &sluice).await, "vm03");
 
-    let admin = sluice.admin_url("");
-    let cli = |args: &[&str]| {
-        let output = std::process::Command::new(BIN)
-            .arg("policy")
-            .args(args)
-            .env("SLUICE_ADMIN_URL", &admin)
-            .env("SLUICE_ADMIN_TOKEN", "tok")
-            .output()
-            .unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned()
-                + &String::from_utf8_lossy(&output.stderr),
-        )
-    };
+    let cli = |args: &[&str]| policy_cli(&sluice, "tok", args);
     let (ok, out) = cli(&["activate", "router", "2"]);
     assert!(ok, "{out}");
     assert_eq!(serving(&client, &sluice).await, "vm02");

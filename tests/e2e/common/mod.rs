@@ -202,6 +202,23 @@ pub fn run_sluice(args: &[&str], config: Option<&Path>) -> Output {
     command.output().expect("running sluice")
 }
 
+/// `sluice policy ARGS` against `sluice`'s admin API with `token`: whether
+/// it succeeded, and its stdout then stderr.
+pub fn policy_cli(sluice: &Sluice, token: &str, args: &[&str]) -> (bool, String) {
+    let output = Command::new(BIN)
+        .arg("policy")
+        .args(args)
+        .env("SLUICE_ADMIN_URL", sluice.admin_url(""))
+        .env("SLUICE_ADMIN_TOKEN", token)
+        .output()
+        .expect("running sluice policy");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr),
+    )
+}
+
 /// Starts an in-process simulated backend on an ephemeral port.
 pub async fn mock(name: &str, models: &[&str]) -> MockBackend {
     mock_with(MockConfig::new(name, models)).await
