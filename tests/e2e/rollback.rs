@@ -31,9 +31,9 @@ async fn three_backends() -> [MockBackend; 3] {
     ]
 }
 
-/// The backend a plain request and a streamed one went to; both must
-/// agree and the stream must end whole.
-async fn serving(client: &reqwest::Client, sluice: &Sluice) -> String {
+/// The backends a plain request and a streamed one went to; the stream
+/// must end whole.
+async fn served_by(client: &reqwest::Client, sluice: &Sluice) -> (String, String) {
     let plain = sluice.post_chat(client, &chat("m")).await;
     assert_eq!(plain.status(), 200);
     let plain_backend = plain.headers()["x-sluice-backend"]
@@ -49,22 +49,31 @@ async fn serving(client: &reqwest::Client, sluice: &Sluice) -> String {
     let text = streamed.text().await.unwrap();
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     assert!(!content(&events(&text)).is_empty(), "{text}");
-    assert_eq!(plain_backend, stream_backend, "plain and streamed disagree");
-    plain_backend
+    (plain_backend, stream_backend)
+}
+
+/// The backend serving `m` on a replica whose policy is not changing:
+/// plain and streamed must agree.
+async fn serving(client: &reqwest::Client, sluice: &Sluice) -> String {
+    let (plain, streamed) = served_by(client, sluice).await;
+    assert_eq!(plain, streamed, "plain and streamed disagree");
+    plain
 }
 
 /// Waits (up to 5 s) until `sluice` serves from `backend`, plain and
-/// streamed.
+/// streamed. While a replica is following another's change, the two
+/// requests may straddle the switch, so they are only compared once the
+/// switch is seen.
 async fn until_serving(client: &reqwest::Client, sluice: &Sluice, backend: &str) {
     let started = Instant::now();
     loop {
-        let now = serving(client, sluice).await;
-        if now == backend {
+        let (plain, streamed) = served_by(client, sluice).await;
+        if plain == backend && streamed == backend {
             return;
         }
         assert!(
             started.elapsed() < Duration::from_secs(5),
-            "still served by {now}, expected {backend}"
+            "still served by {plain} (plain) and {streamed} (streamed), expected {backend}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
