@@ -4,5 +4,6 @@
 //! when a backend reports none ([`tokens`]).
 
 pub mod openai;
+pub mod prefix;
 pub mod sse;
 pub mod tokens;

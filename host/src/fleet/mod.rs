@@ -8,6 +8,7 @@
 
 pub mod backends;
 pub mod health;
+pub mod prefix;
 pub mod stats;
 
 use std::collections::HashMap;
