@@ -30,6 +30,9 @@ impl Kind {
     }
 }
 
+/// Adds one set of host imports to the workers' linker.
+type AddImports = fn(&mut Linker<WorkerStore>) -> wasmtime::Result<()>;
+
 /// The engine and linker every worker shares.
 pub struct Sandbox {
     engine: Ticking,
@@ -40,22 +43,18 @@ impl Sandbox {
     pub fn new() -> anyhow::Result<Sandbox> {
         let engine = engine::for_workers()?;
         let mut linker = Linker::new(&engine.engine);
-        linking(
-            "WASI 0.2 for workers",
-            wasmtime_wasi::p2::add_to_linker_async(&mut linker),
-        )?;
-        linking(
-            "WASI 0.3 for workers",
-            wasmtime_wasi::p3::add_to_linker(&mut linker),
-        )?;
-        linking(
-            "wasi:http 0.2 for workers",
-            wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker),
-        )?;
-        linking(
-            "wasi:http 0.3 for workers",
-            wasmtime_wasi_http::p3::add_to_linker(&mut linker),
-        )?;
+        let imports: [(&str, AddImports); 4] = [
+            ("WASI 0.2", wasmtime_wasi::p2::add_to_linker_async),
+            ("WASI 0.3", wasmtime_wasi::p3::add_to_linker),
+            (
+                "wasi:http 0.2",
+                wasmtime_wasi_http::p2::add_only_http_to_linker_async,
+            ),
+            ("wasi:http 0.3", wasmtime_wasi_http::p3::add_to_linker),
+        ];
+        for (what, add) in imports {
+            linking(&format!("{what} for workers"), add(&mut linker))?;
+        }
         Ok(Sandbox { engine, linker })
     }
 
