@@ -12,6 +12,9 @@
 //!   accepts it; authenticate → admit → route → forward → respond → log).
 //! - [`workers`]: edge workers, `wasi:http` components mounted on routes.
 //! - [`policy`]: the policy engine — the guest chain and its contract.
+//! - [`wasm`]: the one wasm layer under policies and workers — engines,
+//!   epoch ticker, memory caps, compile-and-link, the guests' bindings; the
+//!   only module that names a type of the WebAssembly runtime.
 //! - [`accounts`]: consumers, their keys and limits. [`usage`]: the usage
 //!   ledger (SQLite, shared between replicas through Redis).
 //! - [`fleet`]: the backends, their live state, health and statistics.
@@ -34,3 +37,4 @@ pub mod problem;
 pub mod text;
 pub mod tools;
 pub mod usage;
+pub mod wasm;

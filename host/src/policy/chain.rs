@@ -10,12 +10,6 @@ use anyhow::Context;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
-use super::contract::{
-    AttemptFailure, AttemptFailureKind, Decision, FailureDecision, Hooks, RejectSpec, RequestInfo,
-    TargetSpec, TextDecision,
-};
-use super::guest::CallContext;
-use super::runtime::Pre;
 use super::{ChainError, FailureKind, KeptInstances, PolicyError, Runtime};
 use crate::api::openai::{Endpoint, RequestHead};
 use crate::bundled as builtin;
@@ -24,6 +18,11 @@ use crate::fleet::backends::Backend;
 use crate::fleet::Fleet;
 use crate::metrics::metrics;
 use crate::problem::Problem;
+use crate::wasm::policy::contract::{
+    AttemptFailure, AttemptFailureKind, Decision, FailureDecision, Hooks, RejectSpec, RequestInfo,
+    TargetSpec, TextDecision,
+};
+use crate::wasm::policy::{CallContext, Pre};
 
 /// Bounds on what a decision may contain.
 const MAX_TARGETS: usize = 64;

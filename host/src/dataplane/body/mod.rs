@@ -49,7 +49,7 @@ pub enum Body {
     Relay(Box<crate::dataplane::body::relay::Relay>),
     /// An edge worker's answer, as its instance produces it.
     Worker {
-        inner: http_body_util::combinators::UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>,
+        inner: crate::wasm::worker::AnswerBody,
         worker: String,
         /// The worker's concurrency slot, held until its answer ends.
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -87,7 +87,7 @@ impl Body {
     }
 
     pub fn worker(
-        inner: http_body_util::combinators::UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>,
+        inner: crate::wasm::worker::AnswerBody,
         worker: String,
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Body {

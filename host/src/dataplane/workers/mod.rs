@@ -9,11 +9,10 @@
 //! by number, with the same undo rule as policies
 //! ([`crate::deploy_history`]). A request in flight keeps the version it
 //! started with; the next one gets the new version. Deployed modules are
-//! kept in the state directory, so a restart serves them.
+//! kept in the state directory, so a restart serves them. The workers
+//! themselves run on the wasm layer ([`crate::wasm::worker`]).
 
 mod book;
-pub mod outbound;
-mod sandbox;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,18 +21,16 @@ use std::time::Duration;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use http::{header, Request, Response, StatusCode, Uri};
-use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
-use wasmtime_wasi_http::handler::{ExpirationError, ProxyHandler};
 
 use crate::config::WorkerConfig;
 use crate::dataplane::body::Body;
 use crate::dataplane::errors::GatewayError;
 use crate::deploy_history::How;
+pub use crate::wasm::worker::Kind;
+use crate::wasm::worker::{parse_allowed_host, Bounds, HandleError, Handler, Sandbox};
 use book::Book;
-pub use sandbox::Kind;
-use sandbox::{Bounds, Sandbox, Version};
 
 /// One version of one worker, mounted on its route.
 pub struct Mounted {
@@ -47,7 +44,7 @@ pub struct Mounted {
     pub sha256: String,
     config: WorkerConfig,
     bytes: Arc<[u8]>,
-    handler: ProxyHandler<Version>,
+    handler: Handler,
 }
 
 impl Mounted {
@@ -238,19 +235,12 @@ impl Workers {
             .map_err(|e| {
                 GatewayError::bad_request(format!("Bad request target: {e}."), "invalid_request")
             })?;
-        let limit = self.max_body_bytes;
-        let body = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
-            .map_err(move |e| match e.downcast::<hyper::Error>() {
-                Ok(e) => wasmtime_wasi_http::Error::Hyper(*e),
-                Err(_) => wasmtime_wasi_http::Error::HttpRequestBodySize(Some(limit)),
-            })
-            .boxed_unsync();
         let request = Request::from_parts(parts, body);
         let timeout = worker.config.timeout;
         let started = std::time::Instant::now();
         let outcome = tokio::time::timeout(
             timeout + Duration::from_secs(1),
-            worker.handler.handle((), request),
+            worker.handler.handle(request, self.max_body_bytes),
         )
         .await;
         let metrics = crate::metrics::metrics();
@@ -269,29 +259,25 @@ impl Workers {
                 let worker_name = worker.name.clone();
                 Ok(response.map(|body| Body::worker(body, worker_name, permit)))
             }
-            // Expired inside the guest's event loop, or its instance ended
-            // from outside for running past the timeout.
-            Ok(Err(e)) if e.is::<ExpirationError>() || started.elapsed() >= timeout => failed(
+            Ok(Err(e))
+                if !matches!(e, HandleError::Expired) && started.elapsed() < timeout =>
+            {
+                failed(
+                    StatusCode::BAD_GATEWAY,
+                    "worker_failed",
+                    format!(
+                        "Worker `{}` failed (trapped, ran out of memory, or answered nothing): {e:#}",
+                        worker.name
+                    ),
+                )
+            }
+            // Expired inside the guest's event loop, ended from outside for
+            // running past the timeout, or never answered at all.
+            Ok(Err(_)) | Err(_) => failed(
                 StatusCode::GATEWAY_TIMEOUT,
                 "worker_timeout",
                 format!(
                     "Worker `{}` did not answer within {timeout:?}.",
-                    worker.name
-                ),
-            ),
-            Err(_) => failed(
-                StatusCode::GATEWAY_TIMEOUT,
-                "worker_timeout",
-                format!(
-                    "Worker `{}` did not answer within {timeout:?}.",
-                    worker.name
-                ),
-            ),
-            Ok(Err(e)) => failed(
-                StatusCode::BAD_GATEWAY,
-                "worker_failed",
-                format!(
-                    "Worker `{}` failed (trapped, ran out of memory, or answered nothing): {e:#}",
                     worker.name
                 ),
             ),
@@ -512,11 +498,10 @@ fn mount(
     bytes: Arc<[u8]>,
     version: u64,
 ) -> anyhow::Result<Mounted> {
-    let (pre, kind) = sandbox.compile(&bytes)?;
     let allowed = config
         .allowed_hosts
         .iter()
-        .map(|h| outbound::parse_allowed_host(h).map_err(anyhow::Error::msg))
+        .map(|h| parse_allowed_host(h).map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Arc<[_]>>>()?;
     let bounds = Bounds {
         worker: config.name.as_str().into(),
@@ -529,6 +514,7 @@ fn mount(
         timeout: config.timeout,
         memory_limit: usize::try_from(config.memory_limit).unwrap_or(usize::MAX),
     };
+    let (handler, kind) = sandbox.compile(&bytes, bounds)?;
     let prefix = crate::config::names::route_prefix(&config.route).map_err(anyhow::Error::msg)?;
     let sha256 = Sha256::digest(&bytes)
         .iter()
@@ -544,10 +530,6 @@ fn mount(
         sha256,
         config: config.clone(),
         bytes,
-        handler: ProxyHandler::new(Version {
-            engine: sandbox.engine().clone(),
-            pre,
-            bounds,
-        }),
+        handler,
     })
 }

@@ -1,22 +1,20 @@
-//! One wasmtime `Engine` per process, set up for per-request instances:
-//! pooling allocator with copy-on-write memory images, epoch interruption
-//! driven by a single ticker thread, and a memory cap per instance.
+//! Compiling, pre-initialising and calling policies on the policy engine
+//! ([`engine::for_policies`]: pooling allocator with copy-on-write memory
+//! images, epoch interruption driven by a single ticker thread), each call
+//! in a bounded instance (memory cap, timeout).
 //!
 //! Guests run as async calls on fibers: WASI's implementation is async
 //! inside (a synchronous call would block the tokio worker on it), and at
 //! every epoch tick a long-running guest yields to the executor, so one bad
 //! guest never stalls other requests on its thread before its timeout.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{
-    Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store,
-    UpdateDeadline,
-};
+use wasmtime::{Engine, Store, UpdateDeadline};
 
 use super::contract::{
     AttemptFailure, Decision, FailureDecision, Hooks, RequestInfo, TextDecision,
@@ -25,12 +23,9 @@ use super::guest::{v1, v2, CallContext, GuestState};
 use super::snapshot::Access;
 use super::{FailureKind, PolicyError};
 use crate::config::PolicyRuntimeConfig;
-
-/// Epoch tick: the granularity of guest timeouts.
-const TICK: Duration = Duration::from_millis(1);
-
-/// Bytes of each pooled memory and table kept mapped between instances.
-const KEEP_RESIDENT: usize = 2 << 20;
+use crate::wasm::compile::{compile, linking};
+use crate::wasm::engine::{self, Ticking, POLICY_TICK as TICK};
+use crate::wasm::store;
 
 /// A guest call still running after this much time is throttled: it runs
 /// one tick in every `THROTTLE_PERIOD`, so guests that loop until their
@@ -91,13 +86,13 @@ macro_rules! in_instance {
     }};
 }
 
+/// The policy engine, its linker, and the bounds of every call.
 pub struct Runtime {
-    engine: Engine,
+    engine: Ticking,
     linker: Linker<GuestState>,
     pub(super) timeout: Duration,
-    pub(crate) memory_limit: usize,
-    pub(crate) max_body_bytes: usize,
-    stop_ticker: Arc<AtomicBool>,
+    memory_limit: usize,
+    max_body_bytes: usize,
     /// Room for instances kept across one answer's response calls (see
     /// [`super::kept`]): half the pool, the rest stays for fresh calls.
     pub(super) kept: Arc<tokio::sync::Semaphore>,
@@ -107,42 +102,18 @@ impl Runtime {
     pub fn new(config: &PolicyRuntimeConfig) -> anyhow::Result<Runtime> {
         let instances = config.max_instances;
         let memory_limit = usize::try_from(config.memory_limit).context("memory_limit")?;
-        let mut pool = PoolingAllocationConfig::new();
-        // A Rust component is a few core instances (the program and the
-        // canonical-ABI shims) with one memory; leave room for more.
-        pool.total_component_instances(instances)
-            .total_core_instances(instances.saturating_mul(4))
-            .total_memories(instances)
-            .total_tables(instances.saturating_mul(4))
-            .total_stacks(instances)
-            .max_memory_size(memory_limit)
-            // Reuse a slot's pages instead of handing them back to the kernel
-            // after every request: page faults and madvise's TLB shootdowns
-            // were most of the per-request cost. Only the pages a guest
-            // dirtied are reset (PAGEMAP_SCAN where the kernel has it).
-            .linear_memory_keep_resident(KEEP_RESIDENT)
-            .table_keep_resident(KEEP_RESIDENT)
-            .pagemap_scan(Enabled::Auto);
+        let engine = engine::for_policies(instances, memory_limit)?;
 
-        let mut wasm = Config::new();
-        wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
-            .epoch_interruption(true)
-            // Policies are synchronous exports; the concurrent machinery the
-            // edge workers need (component-model-async) doubled the cost of
-            // every policy call when left on here.
-            .concurrency_support(false);
-        let engine =
-            Engine::new(&wasm).map_err(|e| anyhow::anyhow!("creating the wasm engine: {e:#}"))?;
-
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-            .map_err(|e| anyhow::anyhow!("linking WASI: {e:#}"))?;
-        v2::Policy::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |s| s)
-            .map_err(|e| anyhow::anyhow!("linking the 0.2 policy imports: {e:#}"))?;
-        v1::Policy::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |s| s)
-            .map_err(|e| anyhow::anyhow!("linking the 0.1 policy imports: {e:#}"))?;
-
-        let stop_ticker = start_ticker(&engine, TICK, "sluice-epoch")?;
+        let mut linker = Linker::new(&engine.engine);
+        linking("WASI", wasmtime_wasi::p2::add_to_linker_async(&mut linker))?;
+        linking(
+            "the 0.2 policy imports",
+            v2::Policy::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |s| s),
+        )?;
+        linking(
+            "the 0.1 policy imports",
+            v1::Policy::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |s| s),
+        )?;
 
         Ok(Runtime {
             engine,
@@ -150,15 +121,18 @@ impl Runtime {
             timeout: config.timeout,
             memory_limit,
             max_body_bytes: usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX),
-            stop_ticker,
             kept: Arc::new(tokio::sync::Semaphore::new(
                 usize::try_from(instances / 2).unwrap_or(0).max(1),
             )),
         })
     }
 
+    fn engine(&self) -> &Engine {
+        &self.engine.engine
+    }
+
     /// A call's state, bounded by this runtime's limits.
-    pub(crate) fn state(&self, context: CallContext) -> GuestState {
+    pub fn state(&self, context: CallContext) -> GuestState {
         GuestState::new(context, self.memory_limit, self.max_body_bytes)
     }
 
@@ -169,12 +143,10 @@ impl Runtime {
     /// again, is not charged to it: on a saturated core that wait, not the
     /// guest, failed requests. [`WALL_CAP`] timeouts still end any call.
     pub(super) fn store(&self, state: GuestState, timeout: Duration) -> Store<GuestState> {
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| &mut s.memory);
+        let mut store = store::bounded(self.engine(), state);
         let mut started = store.data().call_started;
         let mut queued = Duration::ZERO;
         let mut last_yield: Option<(Instant, Duration, Arc<Resumed>)> = None;
-        store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |mut store| {
             let now = Instant::now();
             if store.data().call_started != started {
@@ -222,20 +194,15 @@ impl Runtime {
     /// component, imports the host does not provide, neither contract's
     /// exports, or `init` refusing or trapping.
     pub async fn prepare(&self, bytes: &[u8], context: CallContext) -> anyhow::Result<Prepared> {
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| anyhow::anyhow!("not a valid WebAssembly component: {e:#}"))?;
-        let linked = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| anyhow::anyhow!("imports something the host does not provide: {e:#}"))?;
-        let v2_error = match v2::PolicyPre::new(linked.clone()) {
+        let linked = compile(self.engine(), &self.linker, bytes)?;
+        let v2_error = match v2::PolicyPre::new(linked.pre.clone()) {
             Ok(_) => {
-                let contract = v2_contract(&component, &self.engine);
+                let contract = v2_contract(&linked.component, self.engine());
                 return self.prepare_v2(bytes, context, contract).await;
             }
             Err(e) => e,
         };
-        match v1::PolicyPre::new(linked) {
+        match v1::PolicyPre::new(linked.pre) {
             Ok(pre) => Ok(Prepared {
                 pre: Pre::V1(pre),
                 hooks: Hooks::REQUEST_ONLY,
@@ -292,13 +259,8 @@ impl Runtime {
     }
 
     fn link_v2(&self, bytes: &[u8]) -> anyhow::Result<v2::PolicyPre<GuestState>> {
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| anyhow::anyhow!("not a valid WebAssembly component: {e:#}"))?;
-        let linked = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| anyhow::anyhow!("imports something the host does not provide: {e:#}"))?;
-        v2::PolicyPre::new(linked).map_err(|e| anyhow::anyhow!("{e:#}"))
+        let linked = compile(self.engine(), &self.linker, bytes)?;
+        v2::PolicyPre::new(linked.pre).map_err(|e| anyhow::anyhow!("{e:#}"))
     }
 
     /// The request phase, in a fresh bounded instance.
@@ -402,34 +364,6 @@ pub(super) fn guest_error(
     }
 }
 
-/// A thread that advances `engine`'s epoch every `tick`, which is what
-/// makes running guests yield and lets their deadlines fire; it stops when
-/// the returned flag is set.
-pub(crate) fn start_ticker(
-    engine: &Engine,
-    tick: Duration,
-    name: &str,
-) -> anyhow::Result<Arc<AtomicBool>> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (engine, stopped) = (engine.clone(), stop.clone());
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            while !stopped.load(Ordering::Relaxed) {
-                std::thread::sleep(tick);
-                engine.increment_epoch();
-            }
-        })
-        .with_context(|| format!("starting the epoch ticker {name}"))?;
-    Ok(stop)
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        self.stop_ticker.store(true, Ordering::Relaxed);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -438,22 +372,22 @@ mod tests {
     fn contract_versions_are_told_apart() {
         let runtime = Runtime::new(&PolicyRuntimeConfig::default()).unwrap();
         let current = Component::new(
-            &runtime.engine,
+            runtime.engine(),
             crate::bundled::find("model-router").unwrap(),
         )
         .unwrap();
         let names: Vec<String> = current
             .component_type()
-            .exports(&runtime.engine)
+            .exports(runtime.engine())
             .map(|(n, _)| n.to_string())
             .collect();
         eprintln!("{names:?}");
-        assert_eq!(v2_contract(&current, &runtime.engine), "0.2.1");
+        assert_eq!(v2_contract(&current, runtime.engine()), "0.2.1");
         let old = Component::new(
-            &runtime.engine,
-            include_bytes!("../../../tests/fixtures/pin_backend-0.2.0.wasm"),
+            runtime.engine(),
+            include_bytes!("../../../../tests/fixtures/pin_backend-0.2.0.wasm"),
         )
         .unwrap();
-        assert_eq!(v2_contract(&old, &runtime.engine), "0.2.0");
+        assert_eq!(v2_contract(&old, runtime.engine()), "0.2.0");
     }
 }

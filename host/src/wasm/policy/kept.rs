@@ -44,7 +44,7 @@ impl Drop for Kept {
 pub struct KeptInstances(Vec<Option<Kept>>);
 
 impl KeptInstances {
-    pub(super) fn place(&mut self, index: usize) -> &mut Option<Kept> {
+    pub fn place(&mut self, index: usize) -> &mut Option<Kept> {
         if self.0.len() <= index {
             self.0.resize_with(index + 1, || None);
         }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::HeaderMap;
 use wasmtime::component::ResourceTable;
-use wasmtime::ResourceLimiter;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -18,6 +17,8 @@ use super::contract::{
 };
 use crate::api::openai::Endpoint;
 use crate::fleet::Fleet;
+use crate::wasm::limits::MemoryCap;
+use crate::wasm::store::Capped;
 
 /// `sluice:policy@0.2.1`: the current contract (`wit/policy.wit`). It also
 /// serves 0.2.0 components: wasmtime matches `@0.2.0` names to `@0.2.1`
@@ -165,47 +166,9 @@ impl WasiView for GuestState {
     }
 }
 
-/// Caps a guest's linear memory and remembers whether the cap was hit, so a
-/// memory bomb is reported as such rather than as a generic trap.
-pub struct MemoryCap {
-    limit: usize,
-    pub hit: bool,
-    /// Bytes the guest's memories grew by since instantiation.
-    pub grown: usize,
-}
-
-impl MemoryCap {
-    pub fn new(limit: usize) -> MemoryCap {
-        MemoryCap {
-            limit,
-            hit: false,
-            grown: 0,
-        }
-    }
-}
-
-impl ResourceLimiter for MemoryCap {
-    fn memory_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        if desired > self.limit {
-            self.hit = true;
-            wasmtime::bail!("guest memory limit of {} bytes reached", self.limit);
-        }
-        self.grown += desired.saturating_sub(current);
-        Ok(true)
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
+impl Capped for GuestState {
+    fn memory_cap(&mut self) -> &mut MemoryCap {
+        &mut self.memory
     }
 }
 
