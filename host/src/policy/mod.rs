@@ -13,7 +13,7 @@ use std::fmt;
 use std::sync::Arc;
 
 pub use chain::{
-    check_decision, hex, load_policy, module_bytes, Chain, ChainEntry, Filtered, LoadedPolicy,
+    check_decision, load_policy, module_bytes, Chain, ChainEntry, Filtered, LoadedPolicy,
     PolicyRequest, PolicySpec, Route, Shadow, ShadowExample, ShadowStats, Target,
 };
 pub use guest::{MemoryCap, HIDDEN_HEADERS};
