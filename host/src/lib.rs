@@ -20,7 +20,8 @@
 //! - [`fleet`]: the backends, their live state, health and statistics.
 //! - [`api`]: what the gateway knows of the APIs it speaks (OpenAI bodies,
 //!   server-sent events, token counts).
-//! - [`metrics`], [`problem`], [`text`], [`deploy_history`], [`config`],
+//! - [`metrics`], [`problem`], [`text`], [`deploy_history`], [`store`] (the
+//!   state directory replicas share), [`config`],
 //!   [`bundled`]: shared at the bottom.
 
 pub mod accounts;
@@ -34,6 +35,7 @@ pub mod fleet;
 pub mod metrics;
 pub mod policy;
 pub mod problem;
+pub mod store;
 pub mod text;
 pub mod tools;
 pub mod usage;

@@ -477,6 +477,7 @@ async fn serve(
         let interval = config.policy_store.sync_interval;
         tokio::spawn(node.deployer.clone().follow(interval));
         tokio::spawn(gateway.consumers.clone().follow(interval));
+        tokio::spawn(gateway.workers.clone().follow(interval));
     }
     announce("admin listening", admin_listener.local_addr()?);
     announce("sluice listening", listener.local_addr()?);

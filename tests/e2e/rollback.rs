@@ -2,7 +2,7 @@
 //! rollback brings back what served before B (version 1), never the
 //! rejected A. Over real sockets, plain and streamed, on one replica and
 //! across two sharing a state directory, after a restart; activation by
-//! number; edge workers likewise.
+//! number; edge workers likewise, across replicas too.
 
 use std::time::{Duration, Instant};
 
@@ -513,5 +513,91 @@ async fn a_worker_rollback_undoes_the_last_deploy() {
             (1, "rollback"),
         ]),
         "{listing}"
+    );
+}
+
+/// Waits until `sluice` answers `/tools/hello` with `answer` (a replica
+/// follows the shared state directory within its sync interval).
+async fn until_hello(client: &reqwest::Client, sluice: &Sluice, answer: &str) {
+    let started = Instant::now();
+    loop {
+        let now = hello(client, sluice).await;
+        if now == answer {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "still {now:?}, not {answer:?}, 5 s after the change"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Worker deploys reach every replica sharing the state directory: a
+/// worker deployed on replica A answers on B; rolled back on B, A follows;
+/// both list the same history and the next version number is shared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_deployed_on_one_replica_serves_on_every_replica() {
+    let vm01 = mock("vm01", &["m"]).await;
+    let state = TempDir::new();
+    let config = format!(
+        "[policy_store]\nstate_dir = {:?}\nsync_interval = \"100ms\"\n{}",
+        state.0.display().to_string(),
+        tools_config(&vm01)
+    );
+    let [a, b] = [Sluice::start(&config), Sluice::start(&config)];
+    let client = client();
+    let (spin, p2) = ("hello from spin", "hello from p2");
+    let rollback = "/admin/workers/tools/rollback";
+    assert_eq!(hello(&client, &a).await, spin);
+    assert_eq!(hello(&client, &b).await, spin);
+
+    assert_eq!(deploy_tools(&client, &a, "p2-tools").await, 2);
+    assert_eq!(hello(&client, &a).await, p2);
+    until_hello(&client, &b, p2).await;
+
+    assert_eq!(worker_call(&client, &b, rollback).await["version"], 1);
+    assert_eq!(hello(&client, &b).await, spin);
+    until_hello(&client, &a, spin).await;
+
+    // B deploys next: version 3 (it took in A's version 2), and A follows.
+    assert_eq!(deploy_tools(&client, &b, "p2-tools").await, 3);
+    until_hello(&client, &a, p2).await;
+    let listings = [
+        get_json(&client, &a.admin_url("/admin/workers")).await,
+        get_json(&client, &b.admin_url("/admin/workers")).await,
+    ];
+    for listing in &listings {
+        assert_eq!(listing[0]["version"], 3, "{listing}");
+        assert_eq!(listing[0]["rollback_to"], 1, "{listing}");
+    }
+    let changes = |listing: &Value| -> Vec<(u64, String)> {
+        listing[0]["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .rev()
+            .map(|a| {
+                (
+                    a["version"].as_u64().unwrap(),
+                    a["how"].as_str().unwrap().to_string(),
+                )
+            })
+            .filter(|(_, how)| how != "restart")
+            .collect()
+    };
+    assert_eq!(changes(&listings[0]), changes(&listings[1]), "{listings:?}");
+    assert_eq!(
+        changes(&listings[0]),
+        steps(&[(1, "config"), (2, "deploy"), (1, "rollback"), (3, "deploy")]),
+        "{listings:?}"
+    );
+    assert_eq!(
+        listings[0][0]["history"][0]["followed"], true,
+        "{listings:?}"
+    );
+    assert_eq!(
+        listings[1][0]["history"][0]["followed"], false,
+        "{listings:?}"
     );
 }

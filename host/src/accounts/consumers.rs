@@ -7,15 +7,15 @@
 //! directory). The admin API manages only its own.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::config::names::check_consumer_name;
 use crate::config::{ConsumerConfig, ConsumerLimits};
+use crate::store::{sha256_hex, Document, Store};
 
 /// Prefix of keys Sluice makes, so a leaked one is recognisable.
 const KEY_PREFIX: &str = "sk-sluice-";
@@ -116,7 +116,8 @@ pub struct Consumers {
     index: ArcSwap<Index>,
     /// The file's consumers and the API's, to rebuild the index from.
     sources: Mutex<Sources>,
-    file: Option<PathBuf>,
+    /// `consumers.json` in the state directory, when there is one.
+    file: Option<Document>,
 }
 
 impl Consumers {
@@ -127,13 +128,17 @@ impl Consumers {
         configs: &[ConsumerConfig],
         state_dir: Option<&Path>,
     ) -> anyhow::Result<Consumers> {
-        let file = state_dir.map(|d| d.join("consumers.json"));
+        let file = state_dir.map(|d| Store::new(d).document("consumers.json"));
         let managed: Vec<Consumer> = match &file {
-            Some(f) if f.exists() => {
-                let text = std::fs::read_to_string(f)?;
-                serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?
-            }
-            _ => Vec::new(),
+            Some(file) => match file.read()? {
+                Some(bytes) => {
+                    let managed = file.parse(&bytes)?;
+                    file.mark_seen(bytes);
+                    managed
+                }
+                None => Vec::new(),
+            },
+            None => Vec::new(),
         };
         let consumers = Consumers {
             required,
@@ -151,19 +156,20 @@ impl Consumers {
     /// Picks up consumers another replica sharing the state directory
     /// made, rotated or disabled, every `interval`.
     pub async fn follow(self: Arc<Self>, interval: std::time::Duration) {
-        let Some(file) = self.file.clone() else {
+        let Some(file) = &self.file else {
             return;
         };
-        let mut last = std::fs::read(&file).unwrap_or_default();
         loop {
             tokio::time::sleep(interval).await;
-            let Ok(bytes) = std::fs::read(&file) else {
-                continue;
+            let bytes = match file.changed() {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    continue;
+                }
             };
-            if bytes == last {
-                continue;
-            }
-            match serde_json::from_slice::<Vec<Consumer>>(&bytes) {
+            match file.parse::<Vec<Consumer>>(&bytes) {
                 Ok(managed) => {
                     if let Ok(mut sources) = self.lock() {
                         sources.1 = managed;
@@ -177,9 +183,9 @@ impl Consumers {
                         }
                     }
                 }
-                Err(e) => tracing::warn!(file = %file.display(), "unreadable consumers file: {e}"),
+                Err(e) => tracing::warn!("unreadable consumers file: {e}"),
             }
-            last = bytes;
+            file.mark_seen(bytes);
         }
     }
 
@@ -334,7 +340,8 @@ impl Consumers {
         let mut managed = sources.1.clone();
         edit(&mut managed)?;
         if let Some(file) = &self.file {
-            save(file, &managed).map_err(|e| ConsumerError::Io(format!("{e:#}")))?;
+            file.write_json(&managed)
+                .map_err(|e| ConsumerError::Io(e.to_string()))?;
         }
         sources.1 = managed;
         drop(sources);
@@ -389,25 +396,9 @@ fn from_configs(configs: &[ConsumerConfig]) -> Vec<Consumer> {
         .collect()
 }
 
-fn save(file: &Path, managed: &[Consumer]) -> anyhow::Result<()> {
-    if let Some(dir) = file.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = file.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(managed)?)?;
-    std::fs::rename(&tmp, file)?;
-    Ok(())
-}
-
 /// `sha256:HEX` of a key: what config files and the state directory hold.
 pub fn hash_key(key: &str) -> String {
-    let digest = Sha256::digest(key.as_bytes());
-    let mut out = String::with_capacity(7 + 64);
-    out.push_str("sha256:");
-    for b in digest {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
+    format!("sha256:{}", sha256_hex(key.as_bytes()))
 }
 
 /// A new random key: the prefix and 32 characters of base62 (190 bits).

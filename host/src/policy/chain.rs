@@ -451,7 +451,6 @@ pub async fn load_policy(
     fleet: &Arc<Fleet>,
     spec: PolicySpec<'_>,
 ) -> anyhow::Result<LoadedPolicy> {
-    use sha2::Digest;
     let name: Arc<str> = spec.name.into();
     let config_json: Arc<str> = serde_json::to_string(spec.config)?.into();
     let prepared = runtime
@@ -469,7 +468,7 @@ pub async fn load_policy(
     let policy = LoadedPolicy {
         name,
         source: spec.source,
-        sha256: hex(&sha2::Sha256::digest(spec.bytes)),
+        sha256: crate::store::sha256_hex(spec.bytes),
         on_error: spec.on_error,
         contract: prepared.contract,
         hooks: prepared.hooks,
@@ -482,10 +481,6 @@ pub async fn load_policy(
             .context("failed its trial request")?;
     }
     Ok(policy)
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Runs a shadow version on a copy of the request, off the request's path,

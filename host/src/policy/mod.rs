@@ -7,7 +7,7 @@ mod chain;
 mod scope;
 
 pub use chain::{
-    check_decision, hex, load_policy, module_bytes, Chain, ChainEntry, Filtered, LoadedPolicy,
+    check_decision, load_policy, module_bytes, Chain, ChainEntry, Filtered, LoadedPolicy,
     PolicyRequest, PolicySpec, Route, Shadow, ShadowExample, ShadowStats, Target,
 };
 pub use scope::Scope;

@@ -8,13 +8,17 @@
 //! (`PUT /admin/workers/NAME`), rolls it back or activates a kept version
 //! by number, with the same undo rule as policies
 //! ([`crate::deploy_history`]). A request in flight keeps the version it
-//! started with; the next one gets the new version. Deployed modules are
-//! kept in the state directory, so a restart serves them. The workers
-//! themselves run on the wasm layer ([`crate::wasm::worker`]).
+//! started with; the next one gets the new version. Deployed modules and
+//! each worker's history are kept in the state directory ([`shelf`]), so
+//! a restart serves them, and every replica sharing the directory follows
+//! a deploy or rollback made on any of them ([`Workers::follow`]).
+
+//! The workers themselves run on the wasm layer ([`crate::wasm::worker`]).
 
 mod book;
+mod shelf;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,15 +26,16 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use http::{header, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
-use sha2::{Digest as _, Sha256};
 
 use crate::config::WorkerConfig;
 use crate::dataplane::body::Body;
 use crate::dataplane::errors::GatewayError;
 use crate::deploy_history::How;
+use crate::store::{sha256_hex, StoreError, StoreLock};
+use book::Book;
 pub use crate::wasm::worker::Kind;
 use crate::wasm::worker::{parse_allowed_host, Bounds, HandleError, Handler, Sandbox};
-use book::Book;
+use shelf::{Books, Shelf};
 
 /// One version of one worker, mounted on its route.
 pub struct Mounted {
@@ -43,7 +48,6 @@ pub struct Mounted {
     pub version: u64,
     pub sha256: String,
     config: WorkerConfig,
-    bytes: Arc<[u8]>,
     handler: Handler,
 }
 
@@ -79,8 +83,8 @@ pub struct Workers {
     /// One deploy or rollback at a time.
     deploys: tokio::sync::Mutex<()>,
     /// Per worker name: its kept versions and activation history.
-    books: std::sync::Mutex<std::collections::HashMap<String, Book>>,
-    dir: Option<PathBuf>,
+    books: std::sync::Mutex<Books>,
+    shelf: Shelf,
     max_body_bytes: u64,
 }
 
@@ -92,7 +96,7 @@ impl Workers {
         state_dir: Option<&Path>,
         max_body_bytes: u64,
     ) -> anyhow::Result<Workers> {
-        let dir = state_dir.map(|d| d.join("workers"));
+        let shelf = Shelf::new(state_dir);
         if configs.is_empty() {
             return Ok(Workers {
                 sandbox: None,
@@ -100,37 +104,36 @@ impl Workers {
                 mounted: ArcSwap::from_pointee(Vec::new()),
                 deploys: tokio::sync::Mutex::new(()),
                 books: Default::default(),
-                dir,
+                shelf,
                 max_body_bytes,
             });
         }
         let sandbox = Sandbox::new()?;
         let mut mounted = Vec::new();
-        let mut books = std::collections::HashMap::new();
+        // Replicas starting together take turns, so each resumes what the
+        // other saved.
+        let _lock = shelf.lock_blocking()?;
+        let mut books = shelf.read()?;
         for config in configs {
-            let saved = dir.as_ref().and_then(|d| saved(d, &config.name));
-            let restored = saved.is_some();
-            let (bytes, version) = match saved {
-                Some(saved) => saved,
+            let saved = books
+                .get(&config.name)
+                .cloned()
+                .or_else(|| shelf.migrate(&config.name));
+            let (book, version, bytes) = match resume(&shelf, saved) {
+                Some(resumed) => resumed,
                 None => {
-                    let bytes = std::fs::read(&config.module).with_context(|| {
-                        format!("workers `{}`: reading {}", config.name, config.module)
-                    })?;
-                    (bytes, 1)
+                    let bytes: Arc<[u8]> = std::fs::read(&config.module)
+                        .with_context(|| {
+                            format!("workers `{}`: reading {}", config.name, config.module)
+                        })?
+                        .into();
+                    let sha256 = sha256_hex(&bytes);
+                    shelf.put(&sha256, &bytes)?;
+                    (Book::begin(1, &sha256), 1, bytes)
                 }
             };
-            let bytes: Arc<[u8]> = bytes.into();
-            let worker = mount(&sandbox, config, bytes.clone(), version)
+            let worker = mount(&sandbox, config, bytes, version)
                 .with_context(|| format!("workers `{}`", config.name))?;
-            let book = Book::at_start(
-                dir.as_deref(),
-                &config.name,
-                version,
-                &worker.sha256,
-                &bytes,
-                restored,
-            )
-            .with_context(|| format!("workers `{}`: saving its history", config.name))?;
             books.insert(config.name.clone(), book);
             tracing::info!(
                 worker = config.name,
@@ -141,6 +144,9 @@ impl Workers {
             );
             mounted.push(Arc::new(worker));
         }
+        shelf
+            .save(&books)
+            .context("workers: saving their history")?;
         // Longest prefix first, so /tools/admin/* wins over /tools/*.
         mounted.sort_by_key(|w| std::cmp::Reverse(w.prefix.len()));
         let permits = configs
@@ -159,7 +165,7 @@ impl Workers {
             mounted: ArcSwap::from_pointee(mounted),
             deploys: tokio::sync::Mutex::new(()),
             books: std::sync::Mutex::new(books),
-            dir,
+            shelf,
             max_body_bytes,
         })
     }
@@ -292,6 +298,7 @@ impl Workers {
         bytes: Vec<u8>,
     ) -> Result<serde_json::Value, GatewayError> {
         let _one = self.deploys.lock().await;
+        let _store = self.begin_change(name).await?;
         let current = self.find(name)?;
         let sandbox = self.sandbox.as_ref().ok_or_else(|| unknown(name))?;
         let mut book = self.book(name)?;
@@ -304,10 +311,12 @@ impl Workers {
                 message: format!("Worker `{name}` was not replaced: {e:#}"),
             }
         })?;
-        book.add(self.dir.as_deref(), name, version, &next.sha256, &bytes)
+        self.shelf
+            .put(&next.sha256, &bytes)
             .map_err(|e| self.write_failed(name, e))?;
+        book.add(version, &next.sha256);
         book.history.activate(version, How::Deploy);
-        book.prune(self.dir.as_deref(), name);
+        book.prune();
         self.install(next, book, "worker deployed")
     }
 
@@ -316,6 +325,7 @@ impl Workers {
     /// back). Its module is compiled again from the kept copy.
     pub async fn rollback(&self, name: &str) -> Result<serde_json::Value, GatewayError> {
         let _one = self.deploys.lock().await;
+        let _store = self.begin_change(name).await?;
         let current = self.find(name)?;
         let mut book = self.book(name)?;
         let Some(target) = book.history.rollback_target() else {
@@ -341,6 +351,7 @@ impl Workers {
         version: u64,
     ) -> Result<serde_json::Value, GatewayError> {
         let _one = self.deploys.lock().await;
+        let _store = self.begin_change(name).await?;
         let current = self.find(name)?;
         let mut book = self.book(name)?;
         if current.version == version {
@@ -352,7 +363,7 @@ impl Workers {
         }
         let next = self.remount(&current, &book, version)?;
         book.history.activate(version, How::Activate);
-        book.prune(self.dir.as_deref(), name);
+        book.prune();
         self.install(next, book, "worker version activated")
     }
 
@@ -365,7 +376,10 @@ impl Workers {
     ) -> Result<Mounted, GatewayError> {
         let name = &current.name;
         let sandbox = self.sandbox.as_ref().ok_or_else(|| unknown(name))?;
-        let Some(bytes) = book.module(self.dir.as_deref(), name, version) else {
+        let bytes = book
+            .kept(version)
+            .and_then(|kept| self.shelf.module(&kept.sha256));
+        let Some(bytes) = bytes else {
             let kept: Vec<String> = book
                 .versions
                 .iter()
@@ -404,26 +418,127 @@ impl Workers {
         book: Book,
         what: &str,
     ) -> Result<serde_json::Value, GatewayError> {
-        self.save(&next)?;
-        book.save(self.dir.as_deref(), &next.name)
-            .map_err(|e| self.write_failed(&next.name, e))?;
+        let mut books = self.books()?;
         let mut described = next.describe();
         book.describe(&mut described);
-        if let Ok(mut books) = self.books.lock() {
-            books.insert(next.name.clone(), book);
+        books.insert(next.name.clone(), book);
+        self.shelf
+            .save(&books)
+            .map_err(|e| self.write_failed(&next.name, e))?;
+        if let Ok(mut kept) = self.books.lock() {
+            *kept = books;
         }
         tracing::info!(worker = next.name, version = next.version, "{what}");
         self.swap(Arc::new(next));
         Ok(described)
     }
 
-    fn write_failed(&self, name: &str, e: std::io::Error) -> GatewayError {
-        let dir = self.dir.as_deref().unwrap_or(Path::new("."));
+    /// Every worker's book, to change and put back.
+    fn books(&self) -> Result<Books, GatewayError> {
+        self.books
+            .lock()
+            .map(|books| books.clone())
+            .map_err(|_| GatewayError::Admin {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                code: "internal_error",
+                message: "The workers' books are poisoned.".into(),
+            })
+    }
+
+    fn write_failed(&self, name: &str, e: StoreError) -> GatewayError {
+        if let StoreError::Locked(_) = e {
+            return GatewayError::Admin {
+                status: StatusCode::CONFLICT,
+                code: "conflict",
+                message: format!("Worker `{name}` was not changed: {e}"),
+            };
+        }
+        let dir = self.shelf.dir().unwrap_or(Path::new("."));
         GatewayError::Admin {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             code: "state_write_failed",
             message: format!("Saving worker `{name}` in {}: {e}", dir.display()),
         }
+    }
+
+    /// Takes the state directory's lock for a change (other replicas
+    /// sharing it wait), then catches up with what they saved, so the
+    /// change applies to the latest versions. Released when dropped.
+    async fn begin_change(&self, name: &str) -> Result<Option<StoreLock>, GatewayError> {
+        let lock = self
+            .shelf
+            .lock()
+            .await
+            .map_err(|e| self.write_failed(name, e))?;
+        self.catch_up().map_err(|e| GatewayError::Admin {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal_error",
+            message: format!("Reading the workers another replica saved: {e:#}"),
+        })?;
+        Ok(lock)
+    }
+
+    /// Polls the state directory every `interval` and serves the versions
+    /// another replica sharing it deployed, rolled back or activated (each
+    /// converges within about one interval).
+    pub async fn follow(self: Arc<Self>, interval: Duration) {
+        if self.sandbox.is_none() {
+            return;
+        }
+        loop {
+            tokio::time::sleep(interval).await;
+            let _one = self.deploys.lock().await;
+            match self.catch_up() {
+                Ok(true) => tracing::info!("workers updated from the shared state directory"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(
+                    "reading the shared state directory failed, keeping the workers: {e:#}"
+                ),
+            }
+        }
+    }
+
+    /// Takes in the books another replica saved since this one last did:
+    /// a worker whose active version there differs from the one mounted is
+    /// mounted again from the kept module. All or nothing: on an error the
+    /// mounted workers stay and the next poll tries again. Called holding
+    /// `deploys`.
+    fn catch_up(&self) -> anyhow::Result<bool> {
+        let Some((bytes, saved)) = self.shelf.changed()? else {
+            return Ok(false);
+        };
+        let mut next = Vec::new();
+        for worker in self.mounted.load().iter() {
+            let Some(kept) = saved.get(&worker.name).and_then(Book::active) else {
+                continue;
+            };
+            if kept.version == worker.version && kept.sha256 == worker.sha256 {
+                continue;
+            }
+            let sandbox = self.sandbox.as_ref().context("no worker sandbox")?;
+            let module = self.shelf.module(&kept.sha256).with_context(|| {
+                format!(
+                    "worker `{}` version {}: its module is not kept",
+                    worker.name, kept.version
+                )
+            })?;
+            let mounted = mount(sandbox, &worker.config, module, kept.version)
+                .with_context(|| format!("worker `{}` version {}", worker.name, kept.version))?;
+            next.push(mounted);
+        }
+        if let Ok(mut books) = self.books.lock() {
+            *books = saved;
+        }
+        for worker in next {
+            tracing::info!(
+                worker = worker.name,
+                version = worker.version,
+                "worker version followed"
+            );
+            self.swap(Arc::new(worker));
+        }
+        self.shelf.mark_seen(bytes);
+        Ok(true)
     }
 
     fn find(&self, name: &str) -> Result<Arc<Mounted>, GatewayError> {
@@ -449,29 +564,6 @@ impl Workers {
                 .collect::<Vec<_>>()
         });
     }
-
-    /// Writes the module where the next start finds it (atomically).
-    fn save(&self, worker: &Mounted) -> Result<(), GatewayError> {
-        let Some(dir) = &self.dir else {
-            return Ok(());
-        };
-        let write = || -> std::io::Result<()> {
-            std::fs::create_dir_all(dir)?;
-            let wasm = dir.join(format!("{}.wasm", worker.name));
-            let temp = dir.join(format!(".{}.wasm.tmp", worker.name));
-            std::fs::write(&temp, &worker.bytes)?;
-            std::fs::rename(&temp, &wasm)?;
-            let version = dir.join(format!("{}.version", worker.name));
-            let temp = dir.join(format!(".{}.version.tmp", worker.name));
-            std::fs::write(&temp, worker.version.to_string())?;
-            std::fs::rename(&temp, version)
-        };
-        write().map_err(|e| GatewayError::Admin {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            code: "state_write_failed",
-            message: format!("Saving worker `{}` in {}: {e}", worker.name, dir.display()),
-        })
-    }
 }
 
 fn unknown(name: &str) -> GatewayError {
@@ -482,14 +574,14 @@ fn unknown(name: &str) -> GatewayError {
     }
 }
 
-/// A module deployed earlier, and its version.
-fn saved(dir: &Path, name: &str) -> Option<(Vec<u8>, u64)> {
-    let bytes = std::fs::read(dir.join(format!("{name}.wasm"))).ok()?;
-    let version = std::fs::read_to_string(dir.join(format!("{name}.version")))
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(1);
-    Some((bytes, version))
+/// The book of a worker saved earlier, with the version it serves and
+/// that version's module, when the module is still kept.
+fn resume(shelf: &Shelf, saved: Option<Book>) -> Option<(Book, u64, Arc<[u8]>)> {
+    let mut book = saved?;
+    let kept = book.active()?;
+    let (version, bytes) = (kept.version, shelf.module(&kept.sha256)?);
+    book.history.restarted(version);
+    Some((book, version, bytes))
 }
 
 fn mount(
@@ -516,10 +608,7 @@ fn mount(
     };
     let (handler, kind) = sandbox.compile(&bytes, bounds)?;
     let prefix = crate::config::names::route_prefix(&config.route).map_err(anyhow::Error::msg)?;
-    let sha256 = Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sha256 = sha256_hex(&bytes);
     Ok(Mounted {
         name: config.name.clone(),
         route: config.route.clone(),
@@ -529,7 +618,6 @@ fn mount(
         version,
         sha256,
         config: config.clone(),
-        bytes,
         handler,
     })
 }
