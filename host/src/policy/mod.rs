@@ -16,7 +16,7 @@ pub use chain::{
     check_decision, hex, load_policy, module_bytes, Chain, ChainEntry, Filtered, LoadedPolicy,
     PolicyRequest, PolicySpec, Route, Shadow, ShadowExample, ShadowStats, Target,
 };
-pub use guest::{MemoryCap, HIDDEN_HEADERS};
+pub use guest::MemoryCap;
 pub use kept::KeptInstances;
 pub use runtime::Runtime;
 pub use scope::Scope;

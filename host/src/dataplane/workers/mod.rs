@@ -31,6 +31,7 @@ use crate::config::WorkerConfig;
 use crate::dataplane::body::Body;
 use crate::dataplane::errors::GatewayError;
 use crate::deploy_history::How;
+use crate::problem::Problem;
 use book::Book;
 pub use sandbox::Kind;
 use sandbox::{Bounds, Sandbox, Version};
@@ -304,7 +305,7 @@ impl Workers {
         &self,
         name: &str,
         bytes: Vec<u8>,
-    ) -> Result<serde_json::Value, GatewayError> {
+    ) -> Result<serde_json::Value, WorkerDeployError> {
         let _one = self.deploys.lock().await;
         let current = self.find(name)?;
         let sandbox = self.sandbox.as_ref().ok_or_else(|| unknown(name))?;
@@ -312,7 +313,7 @@ impl Workers {
         let version = book.next_version;
         let bytes: Arc<[u8]> = bytes.into();
         let next = mount(sandbox, &current.config, bytes.clone(), version).map_err(|e| {
-            GatewayError::Admin {
+            WorkerDeployError {
                 status: StatusCode::BAD_REQUEST,
                 code: "invalid_module",
                 message: format!("Worker `{name}` was not replaced: {e:#}"),
@@ -328,12 +329,12 @@ impl Workers {
     /// Undoes the last change to `name`: the version that served before
     /// the current one serves again (a second rollback walks further
     /// back). Its module is compiled again from the kept copy.
-    pub async fn rollback(&self, name: &str) -> Result<serde_json::Value, GatewayError> {
+    pub async fn rollback(&self, name: &str) -> Result<serde_json::Value, WorkerDeployError> {
         let _one = self.deploys.lock().await;
         let current = self.find(name)?;
         let mut book = self.book(name)?;
         let Some(target) = book.history.rollback_target() else {
-            return Err(GatewayError::Admin {
+            return Err(WorkerDeployError {
                 status: StatusCode::CONFLICT,
                 code: "nothing_to_roll_back",
                 message: format!(
@@ -353,12 +354,12 @@ impl Workers {
         &self,
         name: &str,
         version: u64,
-    ) -> Result<serde_json::Value, GatewayError> {
+    ) -> Result<serde_json::Value, WorkerDeployError> {
         let _one = self.deploys.lock().await;
         let current = self.find(name)?;
         let mut book = self.book(name)?;
         if current.version == version {
-            return Err(GatewayError::Admin {
+            return Err(WorkerDeployError {
                 status: StatusCode::CONFLICT,
                 code: "conflict",
                 message: format!("Version {version} of worker `{name}` is already active."),
@@ -376,7 +377,7 @@ impl Workers {
         current: &Mounted,
         book: &Book,
         version: u64,
-    ) -> Result<Mounted, GatewayError> {
+    ) -> Result<Mounted, WorkerDeployError> {
         let name = &current.name;
         let sandbox = self.sandbox.as_ref().ok_or_else(|| unknown(name))?;
         let Some(bytes) = book.module(self.dir.as_deref(), name, version) else {
@@ -385,7 +386,7 @@ impl Workers {
                 .iter()
                 .map(|k| k.version.to_string())
                 .collect();
-            return Err(GatewayError::Admin {
+            return Err(WorkerDeployError {
                 status: StatusCode::NOT_FOUND,
                 code: "version_not_found",
                 message: format!(
@@ -394,7 +395,7 @@ impl Workers {
                 ),
             });
         };
-        mount(sandbox, &current.config, bytes, version).map_err(|e| GatewayError::Admin {
+        mount(sandbox, &current.config, bytes, version).map_err(|e| WorkerDeployError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             code: "internal_error",
             message: format!("Worker `{name}` version {version} no longer mounts: {e:#}"),
@@ -402,7 +403,7 @@ impl Workers {
     }
 
     /// A copy of `name`'s book to change; [`Workers::install`] puts it back.
-    fn book(&self, name: &str) -> Result<Book, GatewayError> {
+    fn book(&self, name: &str) -> Result<Book, WorkerDeployError> {
         self.books
             .lock()
             .ok()
@@ -417,7 +418,7 @@ impl Workers {
         next: Mounted,
         book: Book,
         what: &str,
-    ) -> Result<serde_json::Value, GatewayError> {
+    ) -> Result<serde_json::Value, WorkerDeployError> {
         self.save(&next)?;
         book.save(self.dir.as_deref(), &next.name)
             .map_err(|e| self.write_failed(&next.name, e))?;
@@ -431,16 +432,16 @@ impl Workers {
         Ok(described)
     }
 
-    fn write_failed(&self, name: &str, e: std::io::Error) -> GatewayError {
+    fn write_failed(&self, name: &str, e: std::io::Error) -> WorkerDeployError {
         let dir = self.dir.as_deref().unwrap_or(Path::new("."));
-        GatewayError::Admin {
+        WorkerDeployError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             code: "state_write_failed",
             message: format!("Saving worker `{name}` in {}: {e}", dir.display()),
         }
     }
 
-    fn find(&self, name: &str) -> Result<Arc<Mounted>, GatewayError> {
+    fn find(&self, name: &str) -> Result<Arc<Mounted>, WorkerDeployError> {
         self.mounted
             .load()
             .iter()
@@ -465,7 +466,7 @@ impl Workers {
     }
 
     /// Writes the module where the next start finds it (atomically).
-    fn save(&self, worker: &Mounted) -> Result<(), GatewayError> {
+    fn save(&self, worker: &Mounted) -> Result<(), WorkerDeployError> {
         let Some(dir) = &self.dir else {
             return Ok(());
         };
@@ -480,7 +481,7 @@ impl Workers {
             std::fs::write(&temp, worker.version.to_string())?;
             std::fs::rename(&temp, version)
         };
-        write().map_err(|e| GatewayError::Admin {
+        write().map_err(|e| WorkerDeployError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             code: "state_write_failed",
             message: format!("Saving worker `{}` in {}: {e}", worker.name, dir.display()),
@@ -488,11 +489,31 @@ impl Workers {
     }
 }
 
-fn unknown(name: &str) -> GatewayError {
-    GatewayError::Admin {
+fn unknown(name: &str) -> WorkerDeployError {
+    WorkerDeployError {
         status: StatusCode::NOT_FOUND,
         code: "unknown_worker",
         message: format!("No worker named `{name}` is configured ([[workers]] in sluice.toml)."),
+    }
+}
+
+/// A worker deploy, rollback or activation refused (bad module, unknown
+/// worker or version, nothing to roll back, state not saved); the admin
+/// API answers with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct WorkerDeployError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Problem for WorkerDeployError {
+    fn status(&self) -> StatusCode {
+        self.status
+    }
+    fn code(&self) -> &str {
+        self.code
     }
 }
 
