@@ -1,8 +1,8 @@
 //! What an error that reaches a client says about itself, whichever module
 //! it comes from: its HTTP status, its machine-readable code, when to retry,
 //! and which request field was at fault. Each module's error implements
-//! [`Problem`]; the data plane's one renderer (`dataplane::errors`) writes
-//! it in the shape of the API the request came in on.
+//! [`Problem`]; the one renderer (`api::render`) writes it in the shape
+//! of the API the request came in on.
 
 use http::StatusCode;
 
@@ -17,6 +17,11 @@ pub trait Problem: std::error::Error {
     }
     /// The request field at fault (`param`).
     fn param(&self) -> Option<&'static str> {
+        None
+    }
+    /// The error's `type` when whoever failed named one (a backend's own);
+    /// `None`: the API's shape derives it from the status.
+    fn kind(&self) -> Option<&str> {
         None
     }
 }

@@ -11,11 +11,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use http::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use crate::config::names::check_consumer_name;
 use crate::config::{ConsumerConfig, ConsumerLimits};
 use crate::store::{sha256_hex, Document, Store};
+use crate::problem::Problem;
 
 /// Prefix of keys Sluice makes, so a leaked one is recognisable.
 const KEY_PREFIX: &str = "sk-sluice-";
@@ -100,6 +102,25 @@ pub enum ConsumerError {
     Invalid(String),
     #[error("saving consumers: {0}")]
     Io(String),
+}
+
+impl Problem for ConsumerError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ConsumerError::NotFound(_) => StatusCode::NOT_FOUND,
+            ConsumerError::Conflict(_) => StatusCode::CONFLICT,
+            ConsumerError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ConsumerError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+    fn code(&self) -> &str {
+        match self {
+            ConsumerError::NotFound(_) => "consumer_not_found",
+            ConsumerError::Conflict(_) => "conflict",
+            ConsumerError::Invalid(_) => "invalid_consumer",
+            ConsumerError::Io(_) => "internal_error",
+        }
+    }
 }
 
 /// The file's consumers and the API's.

@@ -10,11 +10,15 @@ use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::accounts::consumers::ConsumerError;
+use crate::api::openai::BadRequest;
+use crate::api::render::{self, ApiShape};
 use crate::config::{ConsumerLimits, OnError};
 use crate::control::deploy::{DeployError, DeployRequest, Deployer};
 use crate::dataplane::body::Body;
 use crate::dataplane::errors::GatewayError;
 use crate::dataplane::server::{Gateway, Playground};
+use crate::dataplane::workers::WorkerDeployError;
+use crate::problem::Problem;
 use tokio::sync::watch;
 
 /// Largest component accepted by a deploy.
@@ -58,12 +62,7 @@ impl Admin {
             // client, which then never sees the 401.
             let (parts, body) = request.into_parts();
             crate::dataplane::request_body::linger(&parts.headers, body, MAX_MODULE_BYTES);
-            let mut response = GatewayError::AdminUnauthorized.into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                http::HeaderValue::from_static("Bearer"),
-            );
-            return response;
+            return AdminError::Unauthorized.into_response();
         }
         match self.route(request).await {
             Ok(response) => response,
@@ -84,7 +83,7 @@ impl Admin {
         constant_time_eq(presented.as_bytes(), token.as_bytes())
     }
 
-    async fn route(&self, request: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+    async fn route(&self, request: Request<Incoming>) -> Result<Response<Body>, AdminError> {
         let path = request.uri().path().trim_end_matches('/').to_string();
         let segments: Vec<&str> = path.split('/').skip(1).collect();
         let method = request.method().clone();
@@ -94,17 +93,13 @@ impl Admin {
             (&Method::GET, ["admin", "usage"]) => {
                 let query = usage_query(request.uri().query().unwrap_or(""))?;
                 let Some(store) = self.usage.clone() else {
-                    return Err(GatewayError::Admin {
-                        status: StatusCode::NOT_FOUND,
-                        code: "usage_disabled",
-                        message: "Usage records are not kept (usage.disabled).".into(),
-                    });
+                    return Err(AdminError::UsageDisabled);
                 };
                 let replica = store.replica().to_string();
                 let rows = tokio::task::spawn_blocking(move || store.query(&query))
                     .await
-                    .map_err(|e| internal(e.to_string()))?
-                    .map_err(|e| internal(format!("{e:#}")))?;
+                    .map_err(|e| AdminError::Internal(e.to_string()))?
+                    .map_err(|e| AdminError::Internal(format!("{e:#}")))?;
                 json(
                     StatusCode::OK,
                     &serde_json::json!({"rows": rows, "replica": replica}),
@@ -135,7 +130,7 @@ impl Admin {
                     crate::dataplane::request_body::read(&parts.headers, body, admin_body(1 << 20))
                         .await?;
                 let new: NewConsumer = serde_json::from_slice(&body).map_err(|e| {
-                    GatewayError::bad_request(
+                    BadRequest::new(
                         format!("The consumer is not valid JSON: {e}."),
                         "invalid_json",
                     )
@@ -236,8 +231,79 @@ impl Admin {
                 deployer.end_shadow(name, false).await?;
                 json(StatusCode::OK, &serde_json::json!({"discarded": name}))
             }
-            _ => Err(GatewayError::NotFound(path)),
+            _ => Err(AdminError::NotFound(path)),
         }
+    }
+}
+
+/// Why the admin API refused a call. The control plane's own errors;
+/// each module's error says its status and code ([`Problem`]).
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("The admin API needs a valid `Authorization: Bearer` token.")]
+    Unauthorized,
+    #[error("Unknown path `{0}`.")]
+    NotFound(String),
+    #[error("Usage records are not kept (usage.disabled).")]
+    UsageDisabled,
+    #[error("{0}")]
+    Internal(String),
+    /// A query parameter or body that does not parse.
+    #[error("{0}")]
+    BadRequest(#[from] BadRequest),
+    /// The request body: too large, too slow, broken off.
+    #[error("{0}")]
+    Body(#[from] GatewayError),
+    #[error("{0}")]
+    Deploy(#[from] DeployError),
+    #[error("{0}")]
+    Consumer(#[from] ConsumerError),
+    #[error("{0}")]
+    Worker(#[from] WorkerDeployError),
+}
+
+impl AdminError {
+    /// The error an admin tool reads: the same JSON shape as the API's.
+    fn into_response(self) -> Response<Body> {
+        render::response(ApiShape::OpenAi, &self).map(Body::full)
+    }
+
+    /// The error another module owns, when this one wraps one.
+    fn owned(&self) -> Option<&dyn Problem> {
+        match self {
+            AdminError::BadRequest(e) => Some(e),
+            AdminError::Body(e) => Some(e),
+            AdminError::Deploy(e) => Some(e),
+            AdminError::Consumer(e) => Some(e),
+            AdminError::Worker(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl Problem for AdminError {
+    fn status(&self) -> StatusCode {
+        match self {
+            AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AdminError::NotFound(_) | AdminError::UsageDisabled => StatusCode::NOT_FOUND,
+            other => other
+                .owned()
+                .map_or(StatusCode::INTERNAL_SERVER_ERROR, Problem::status),
+        }
+    }
+    fn code(&self) -> &str {
+        match self {
+            AdminError::Unauthorized => "invalid_admin_token",
+            AdminError::NotFound(_) => "not_found",
+            AdminError::UsageDisabled => "usage_disabled",
+            other => other.owned().map_or("internal_error", Problem::code),
+        }
+    }
+    fn retry_after(&self) -> Option<u64> {
+        self.owned().and_then(Problem::retry_after)
+    }
+    fn param(&self) -> Option<&'static str> {
+        self.owned().and_then(Problem::param)
     }
 }
 
@@ -296,27 +362,11 @@ impl Admin {
             .to_string();
         match path.parse() {
             Ok(uri) => *request.uri_mut() = uri,
-            Err(_) => return GatewayError::NotFound(path).into_response(),
+            Err(_) => return AdminError::NotFound(path).into_response(),
         }
         request.headers_mut().remove(header::AUTHORIZATION);
         request.extensions_mut().insert(Playground);
         self.gateway.clone().handle(request).await
-    }
-}
-
-impl From<ConsumerError> for GatewayError {
-    fn from(e: ConsumerError) -> Self {
-        let (status, code) = match &e {
-            ConsumerError::NotFound(_) => (StatusCode::NOT_FOUND, "consumer_not_found"),
-            ConsumerError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            ConsumerError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_consumer"),
-            ConsumerError::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
-        };
-        GatewayError::Admin {
-            status,
-            code,
-            message: e.to_string(),
-        }
     }
 }
 
@@ -331,10 +381,10 @@ fn admin_body(max_bytes: u64) -> crate::dataplane::request_body::BodyLimits {
 
 /// Reads `config` (JSON), `position`, `on_error` and `shadow` from the
 /// query string.
-fn deploy_request(query: &str) -> Result<DeployRequest, GatewayError> {
+fn deploy_request(query: &str) -> Result<DeployRequest, BadRequest> {
     let mut request = DeployRequest::default();
     let bad = |key: &str, message: String| {
-        GatewayError::bad_request(
+        BadRequest::new(
             format!("Query parameter `{key}`: {message}."),
             "invalid_parameter",
         )
@@ -374,10 +424,10 @@ fn deploy_request(query: &str) -> Result<DeployRequest, GatewayError> {
 
 /// `group_by=consumer,model,backend,day`, `from` and `to` in Unix
 /// milliseconds (`to` exclusive).
-fn usage_query(query: &str) -> Result<crate::usage::UsageQuery, GatewayError> {
+fn usage_query(query: &str) -> Result<crate::usage::UsageQuery, BadRequest> {
     let mut usage = crate::usage::UsageQuery::default();
     let bad = |key: &str, message: String| {
-        GatewayError::bad_request(
+        BadRequest::new(
             format!("Query parameter `{key}`: {message}."),
             "invalid_parameter",
         )
@@ -409,49 +459,18 @@ fn usage_query(query: &str) -> Result<crate::usage::UsageQuery, GatewayError> {
 }
 
 /// The `{version}` of `…/activate/{version}`.
-fn version_number(text: &str) -> Result<u32, GatewayError> {
+fn version_number(text: &str) -> Result<u32, BadRequest> {
     text.parse().map_err(|_| {
-        GatewayError::bad_request(
+        BadRequest::new(
             format!("`{text}` is not a version number."),
             "invalid_parameter",
         )
     })
 }
 
-fn internal(message: String) -> GatewayError {
-    GatewayError::Admin {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        code: "internal_error",
-        message,
-    }
-}
-
-impl From<DeployError> for GatewayError {
-    fn from(e: DeployError) -> Self {
-        let (status, code) = match &e {
-            DeployError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_policy"),
-            DeployError::NotFound(_) => (StatusCode::NOT_FOUND, "policy_not_found"),
-            DeployError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            DeployError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
-            DeployError::VersionNotFound(_) => (StatusCode::NOT_FOUND, "version_not_found"),
-        };
-        GatewayError::Admin {
-            status,
-            code,
-            message: e.to_string(),
-        }
-    }
-}
-
-fn json<T: serde::Serialize>(
-    status: StatusCode,
-    value: &T,
-) -> Result<Response<Body>, GatewayError> {
-    let bytes = serde_json::to_vec_pretty(value).map_err(|e| GatewayError::Admin {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        code: "internal_error",
-        message: e.to_string(),
-    })?;
+fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Result<Response<Body>, AdminError> {
+    let bytes =
+        serde_json::to_vec_pretty(value).map_err(|e| AdminError::Internal(e.to_string()))?;
     let mut response = Response::new(Body::full(Bytes::from(bytes)));
     *response.status_mut() = status;
     response

@@ -1,16 +1,17 @@
-//! Every way a request can fail, and the one renderer that turns a failure
-//! into an OpenAI-shaped response (`{"error":{"message","type","code"}}`).
+//! Every way a request can fail, each with its status, code and
+//! retry-after ([`Problem`]); `api::render` writes it in the API's shape.
 //! Errors that other modules own (a bad body, a key, a limit, the policy
 //! chain) say their own status and code through [`Problem`]; this module
 //! only wraps them.
 
 use std::time::Duration;
 
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{Response, StatusCode};
 
 use crate::accounts::consumers::AuthError;
 use crate::accounts::limits::Refusal;
 use crate::api::openai::BadRequest;
+use crate::api::render::{self, ApiShape};
 use crate::dataplane::body::Body;
 use crate::policy::{ChainError, PolicyError};
 use crate::problem::Problem;
@@ -46,8 +47,6 @@ pub enum GatewayError {
     QueueFull { model: String, waiting: usize },
     #[error("Every backend for model `{model}` stayed busy for {waited:?}; retry later.")]
     QueueTimeout { model: String, waited: Duration },
-    #[error("The admin API needs a valid `Authorization: Bearer` token.")]
-    AdminUnauthorized,
     /// A missing, unknown or disabled API key.
     #[error("{0}")]
     Auth(#[from] AuthError),
@@ -56,13 +55,6 @@ pub enum GatewayError {
     /// Over one of the consumer's limits, or the limits' store is down.
     #[error("{0}")]
     Limited(#[from] Refusal),
-    /// An admin operation refused (bad module, unknown policy, conflict).
-    #[error("{message}")]
-    Admin {
-        status: StatusCode,
-        code: &'static str,
-        message: String,
-    },
     /// An edge worker failed to answer (trapped, timed out, ran out of
     /// memory); what it answers itself is passed on as is.
     #[error("{message}")]
@@ -95,7 +87,14 @@ impl GatewayError {
         }
     }
 
-    pub fn status(&self) -> StatusCode {
+    /// The failure as the client's response, in OpenAI's shape.
+    pub fn into_response(self) -> Response<Body> {
+        render::response(ApiShape::OpenAi, &self).map(Body::full)
+    }
+}
+
+impl Problem for GatewayError {
+    fn status(&self) -> StatusCode {
         use GatewayError::*;
         if let Some(owned) = self.owned() {
             return owned.status();
@@ -110,16 +109,14 @@ impl GatewayError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             BackendUnreachable { .. } | BackendStatus { .. } => StatusCode::BAD_GATEWAY,
-            AdminUnauthorized => StatusCode::UNAUTHORIZED,
             ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
-            Admin { status, .. } | Worker { status, .. } => *status,
+            Worker { status, .. } => *status,
             BackendTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             BadRequest(_) | Chain(_) | Auth(_) | Limited(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
-    /// The machine-readable `code` of the error body.
-    pub fn code(&self) -> &str {
+    fn code(&self) -> &str {
         use GatewayError::*;
         if let Some(owned) = self.owned() {
             return owned.code();
@@ -134,67 +131,22 @@ impl GatewayError {
             BackendUnreachable { .. } => "backend_unreachable",
             BackendTimeout { .. } => "backend_timeout",
             BackendStatus { .. } => "backend_error",
-            AdminUnauthorized => "invalid_admin_token",
             ModelNotAllowed { .. } => "model_not_allowed",
             QueueFull { .. } => "queue_full",
             QueueTimeout { .. } => "queue_timeout",
-            Admin { code, .. } | Worker { code, .. } => code,
+            Worker { code, .. } => code,
             BadRequest(_) | Chain(_) | Auth(_) | Limited(_) => "internal_error",
         }
     }
 
-    /// Seconds a client should wait before trying again.
-    pub fn retry_after(&self) -> Option<u64> {
+    fn retry_after(&self) -> Option<u64> {
         match self {
             GatewayError::QueueFull { .. } | GatewayError::QueueTimeout { .. } => Some(1),
             other => other.owned().and_then(Problem::retry_after),
         }
     }
 
-    /// The one place a failure becomes an HTTP response.
-    pub fn into_response(self) -> Response<Body> {
-        let status = self.status();
-        let kind = error_type(status);
-        let param = self.owned().and_then(Problem::param);
-        let body = serde_json::json!({
-            "error": {
-                "message": self.to_string(),
-                "type": kind,
-                "param": param,
-                "code": self.code(),
-            }
-        });
-        let mut response = Response::new(Body::json(&body));
-        *response.status_mut() = status;
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, Body::JSON);
-        if let Some(seconds) = self.retry_after() {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        if status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        if status == StatusCode::METHOD_NOT_ALLOWED {
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("POST"));
-        }
-        response
-    }
-}
-
-/// OpenAI's error `type` for a status.
-pub fn error_type(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        401 => "authentication_error",
-        403 => "permission_error",
-        429 => "rate_limit_error",
-        400..=499 => "invalid_request_error",
-        _ => "server_error",
+    fn param(&self) -> Option<&'static str> {
+        self.owned().and_then(Problem::param)
     }
 }

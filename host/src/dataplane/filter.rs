@@ -16,6 +16,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::api::openai::Endpoint;
+use crate::api::render::{self, ApiShape};
 use crate::api::sse;
 use crate::dataplane::accounting::Accounting;
 use crate::dataplane::body::Body;
@@ -250,10 +251,7 @@ impl Filter {
                     state.acct.filtered();
                     tracing::info!(request = self.route.info.id, %error, "response filter stopped the stream");
                     return (
-                        vec![
-                            stop_chunk(&envelope, index, chat),
-                            Bytes::from_static(sse::DONE),
-                        ],
+                        render::stopped_stream(ApiShape::OpenAi, &envelope, index, chat).to_vec(),
                         true,
                     );
                 }
@@ -284,8 +282,12 @@ impl Filter {
                 }
                 Filtered::Stop(_) => {
                     state.acct.filtered();
-                    out.push(stop_chunk(&envelope, index, chat));
-                    out.push(Bytes::from_static(sse::DONE));
+                    out.extend(render::stopped_stream(
+                        ApiShape::OpenAi,
+                        &envelope,
+                        index,
+                        chat,
+                    ));
                     return (out, true);
                 }
             }
@@ -427,18 +429,6 @@ fn split_tail(text: String, keep: usize) -> (String, String) {
     (released, held)
 }
 
-/// The chunk that ends a stream the filters stopped, as OpenAI ends one.
-fn stop_chunk(envelope: &Value, index: u32, chat: bool) -> Bytes {
-    let mut chunk = envelope.clone();
-    let choice = if chat {
-        serde_json::json!({"index": index, "delta": {}, "finish_reason": "content_filter"})
-    } else {
-        serde_json::json!({"index": index, "text": "", "finish_reason": "content_filter"})
-    };
-    chunk["choices"] = Value::Array(vec![choice]);
-    sse::event(&chunk.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,6 +489,7 @@ mod relay_tests {
 
     use super::Filter;
     use crate::api::openai::Endpoint;
+    use crate::api::render::{self, ApiShape};
     use crate::config::{BackendConfig, OnError, PolicyConfig, PolicyRuntimeConfig};
     use crate::dataplane::accounting::{Accounting, Ledger};
     use crate::dataplane::forward::Answer;

@@ -20,6 +20,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::api::openai;
+use crate::api::CREDENTIAL_HEADERS;
 use crate::config::{RetryConfig, ServerConfig};
 use crate::dataplane::errors::GatewayError;
 use crate::fleet::backends::{Backend, ModelLoad, Slot};
@@ -41,16 +42,6 @@ pub const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::HOST,
-];
-
-/// The client's credentials never travel to a backend; a backend that needs
-/// one gets its configured `api_key`.
-const CREDENTIALS: [HeaderName; 5] = [
-    header::AUTHORIZATION,
-    header::PROXY_AUTHORIZATION,
-    header::COOKIE,
-    HeaderName::from_static("x-api-key"),
-    HeaderName::from_static("api-key"),
 ];
 
 /// Tells the client (and an operator reading a trace) which backend answered.
@@ -474,7 +465,7 @@ fn build_request(
     let headers = request.headers_mut();
     for (name, value) in client_headers {
         if !HOP_BY_HOP.contains(name)
-            && !CREDENTIALS.contains(name)
+            && !CREDENTIAL_HEADERS.contains(&name.as_str())
             && name != header::CONTENT_LENGTH
         {
             headers.append(name, value.clone());

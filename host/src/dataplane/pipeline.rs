@@ -35,6 +35,7 @@ use super::{admit, authenticate, request_body, respond};
 use crate::accounts::consumers::Consumer;
 use crate::api::openai::{self, Endpoint, RequestHead};
 use crate::policy::{PolicyRequest, Route, Scope};
+use crate::problem::Problem;
 
 /// What the steps after admission know of the request.
 pub struct RequestCtx {

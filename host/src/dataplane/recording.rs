@@ -20,8 +20,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::api::openai::RequestHead;
+use crate::api::CREDENTIAL_HEADERS;
 use crate::config::RecordingConfig;
-use crate::policy::HIDDEN_HEADERS;
 
 /// Lines waiting for the writer before new ones are dropped.
 const BACKLOG: usize = 1024;
@@ -74,7 +74,7 @@ impl Recorder {
         };
         let headers: serde_json::Map<String, Value> = headers
             .iter()
-            .filter(|(name, _)| !HIDDEN_HEADERS.contains(&name.as_str()))
+            .filter(|(name, _)| !CREDENTIAL_HEADERS.contains(&name.as_str()))
             .filter_map(|(name, value)| {
                 Some((name.to_string(), Value::String(value.to_str().ok()?.into())))
             })

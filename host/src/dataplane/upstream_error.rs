@@ -12,10 +12,11 @@ use bytes::Bytes;
 use http::{header, Response, StatusCode};
 use http_body_util::BodyExt;
 
+use crate::api::render::{self, ApiShape};
 use crate::dataplane::accounting::Accounting;
 use crate::dataplane::body::Body;
-use crate::dataplane::errors::error_type;
 use crate::dataplane::forward::Answer;
+use crate::problem::Problem;
 
 /// More than any error message needs; the rest is not read.
 const MAX_ERROR_BYTES: usize = 64 << 10;
@@ -54,9 +55,9 @@ pub async fn respond(answer: Answer, mut acct: Accounting) -> Response<Body> {
     acct.set_status(parts.status.as_u16());
     acct.finish();
     let body = match normalize(parts.status, &backend.name, &body) {
-        Some(value) => {
+        Some(error) => {
             parts.headers.insert(header::CONTENT_TYPE, Body::JSON);
-            Bytes::from(value.to_string())
+            Bytes::from(render::body(ApiShape::OpenAi, &error).to_string())
         }
         None => Bytes::from(body),
     };
@@ -65,9 +66,42 @@ pub async fn respond(answer: Answer, mut acct: Accounting) -> Response<Body> {
     Response::from_parts(parts, Body::full(body))
 }
 
-/// The OpenAI-shaped body for a backend's error, or `None` when the body
-/// already has that shape.
-pub fn normalize(status: StatusCode, backend: &str, body: &[u8]) -> Option<serde_json::Value> {
+/// A backend's error answer that was not in OpenAI's shape, with what it
+/// said; its status stays the backend's.
+#[derive(Debug, thiserror::Error)]
+#[error("Backend `{backend}` answered {status}{}", said_part(.said))]
+pub struct UpstreamError {
+    backend: String,
+    status: StatusCode,
+    /// The backend's message, shortened; empty when it gave none.
+    said: String,
+    /// The backend's own error `type`, when its JSON named one.
+    kind: Option<String>,
+}
+
+fn said_part(said: &str) -> String {
+    if said.is_empty() {
+        " with no message.".to_string()
+    } else {
+        format!(": {said}")
+    }
+}
+
+impl Problem for UpstreamError {
+    fn status(&self) -> StatusCode {
+        self.status
+    }
+    fn code(&self) -> &str {
+        "backend_error"
+    }
+    fn kind(&self) -> Option<&str> {
+        self.kind.as_deref()
+    }
+}
+
+/// The backend's error to rewrite in the client's shape, or `None` when
+/// the body already has OpenAI's shape.
+pub fn normalize(status: StatusCode, backend: &str, body: &[u8]) -> Option<UpstreamError> {
     let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
     if let Some(error) = parsed.as_ref().and_then(|v| v.get("error")) {
         if error.get("message").is_some_and(|m| m.is_string()) {
@@ -78,24 +112,17 @@ pub fn normalize(status: StatusCode, backend: &str, body: &[u8]) -> Option<serde
         .as_ref()
         .and_then(message_of)
         .unwrap_or_else(|| text_of(body));
-    let message = if said.is_empty() {
-        format!("Backend `{backend}` answered {status} with no message.")
-    } else {
-        format!("Backend `{backend}` answered {status}: {said}")
-    };
     let kind = parsed
         .as_ref()
         .and_then(|v| v.get("type"))
         .and_then(|t| t.as_str())
-        .unwrap_or_else(|| error_type(status));
-    Some(serde_json::json!({
-        "error": {
-            "message": message,
-            "type": kind,
-            "param": null,
-            "code": "backend_error",
-        }
-    }))
+        .map(str::to_string);
+    Some(UpstreamError {
+        backend: backend.to_string(),
+        status,
+        said,
+        kind,
+    })
 }
 
 /// The message of a JSON error in the dialects servers use.
@@ -141,13 +168,13 @@ fn shorten(text: &str) -> String {
 mod tests {
     use super::*;
 
+    fn wrapped(status: StatusCode, body: &[u8]) -> serde_json::Value {
+        let error = normalize(status, "vm01", body).expect("wrapped");
+        render::body(ApiShape::OpenAi, &error)
+    }
+
     fn message(status: u16, body: &str) -> String {
-        let value = normalize(
-            StatusCode::from_u16(status).unwrap(),
-            "vm01",
-            body.as_bytes(),
-        )
-        .expect("wrapped");
+        let value = wrapped(StatusCode::from_u16(status).unwrap(), body.as_bytes());
         assert_eq!(value["error"]["code"], "backend_error");
         value["error"]["message"].as_str().unwrap().to_string()
     }
@@ -186,7 +213,11 @@ mod tests {
         );
         let long = message(500, &"é".repeat(10_000));
         assert!(long.chars().count() < 600);
-        let value = normalize(StatusCode::TOO_MANY_REQUESTS, "vm01", b"slow down").unwrap();
+        let value = wrapped(StatusCode::TOO_MANY_REQUESTS, b"slow down");
         assert_eq!(value["error"]["type"], "rate_limit_error");
+        assert_eq!(value["error"]["param"], serde_json::Value::Null);
+        let vllm = br#"{"object":"error","message":"m","type":"BadRequestError","code":400}"#;
+        let value = wrapped(StatusCode::BAD_REQUEST, vllm);
+        assert_eq!(value["error"]["type"], "BadRequestError");
     }
 }

@@ -13,7 +13,7 @@ pub use chain::{
 pub use scope::Scope;
 
 pub use crate::wasm::policy::contract;
-pub use crate::wasm::policy::{FailureKind, KeptInstances, PolicyError, Runtime, HIDDEN_HEADERS};
+pub use crate::wasm::policy::{FailureKind, KeptInstances, PolicyError, Runtime};
 
 /// Why the chain answered a request itself: a policy rejected it, failed
 /// with `on_error = "fail-closed"`, or none routed it.

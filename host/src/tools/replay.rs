@@ -28,6 +28,7 @@ use crate::fleet::Fleet;
 use crate::policy::{
     load_policy, module_bytes, Chain, ChainEntry, ChainError, PolicyRequest, PolicySpec, Runtime,
 };
+use crate::problem::Problem;
 
 /// One recorded request.
 #[derive(Debug, Deserialize)]

@@ -32,8 +32,7 @@ use storage::{load_version, seed_entries, Storage};
 pub use versions::Version;
 use versions::{valid_name, Entry};
 
-/// Why a deploy or admin operation was refused. Callers map kinds to
-/// statuses: `Invalid` 422, `NotFound` 404, `Conflict` 409, `Internal` 500.
+/// Why a deploy or admin operation was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
     #[error("{0}")]
@@ -47,6 +46,27 @@ pub enum DeployError {
     /// A version number that is not (or no longer) kept: 404.
     #[error("{0}")]
     VersionNotFound(String),
+}
+
+impl crate::problem::Problem for DeployError {
+    fn status(&self) -> http::StatusCode {
+        use http::StatusCode;
+        match self {
+            DeployError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            DeployError::NotFound(_) | DeployError::VersionNotFound(_) => StatusCode::NOT_FOUND,
+            DeployError::Conflict(_) => StatusCode::CONFLICT,
+            DeployError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+    fn code(&self) -> &str {
+        match self {
+            DeployError::Invalid(_) => "invalid_policy",
+            DeployError::NotFound(_) => "policy_not_found",
+            DeployError::Conflict(_) => "conflict",
+            DeployError::Internal(_) => "internal_error",
+            DeployError::VersionNotFound(_) => "version_not_found",
+        }
+    }
 }
 
 impl From<StoreError> for DeployError {

@@ -8,12 +8,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderValue, StatusCode};
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::api::render::{self, ApiShape};
 use crate::dataplane::accounting::Accounting;
 use crate::fleet::backends::Slot;
+use crate::problem::Problem;
 
 /// Largest answer kept to read its `usage` when it ends.
 const MAX_TAPPED: usize = 8 << 20;
@@ -196,18 +198,22 @@ impl http_body::Body for Body {
     }
 }
 
+/// A backend that failed after its answer began streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("The backend failed while streaming: {0}")]
+pub struct StreamBrokeOff(pub String);
+
+impl Problem for StreamBrokeOff {
+    fn status(&self) -> StatusCode {
+        StatusCode::BAD_GATEWAY
+    }
+    fn code(&self) -> &str {
+        "backend_stream_error"
+    }
+}
+
 /// The events that end a stream whose backend failed after the answer
 /// began: an OpenAI-style error (the SDKs raise it) and `[DONE]`.
 pub fn stream_error(detail: &str) -> Bytes {
-    let error = serde_json::json!({
-        "error": {
-            "message": format!("The backend failed while streaming: {detail}"),
-            "type": "server_error",
-            "param": null,
-            "code": "backend_stream_error",
-        }
-    });
-    let mut out = crate::api::sse::event(&error.to_string()).to_vec();
-    out.extend_from_slice(crate::api::sse::DONE);
-    Bytes::from(out)
+    render::stream_end(ApiShape::OpenAi, &StreamBrokeOff(detail.to_string()))
 }

@@ -31,6 +31,7 @@ use crate::config::WorkerConfig;
 use crate::dataplane::body::Body;
 use crate::dataplane::errors::GatewayError;
 use crate::deploy_history::How;
+use crate::problem::Problem;
 use crate::store::{sha256_hex, StoreError, StoreLock};
 use book::Book;
 pub use crate::wasm::worker::Kind;
@@ -296,7 +297,7 @@ impl Workers {
         &self,
         name: &str,
         bytes: Vec<u8>,
-    ) -> Result<serde_json::Value, GatewayError> {
+    ) -> Result<serde_json::Value, WorkerDeployError> {
         let _one = self.deploys.lock().await;
         let _store = self.begin_change(name).await?;
         let current = self.find(name)?;
@@ -305,7 +306,7 @@ impl Workers {
         let version = book.next_version;
         let bytes: Arc<[u8]> = bytes.into();
         let next = mount(sandbox, &current.config, bytes.clone(), version).map_err(|e| {
-            GatewayError::Admin {
+            WorkerDeployError {
                 status: StatusCode::BAD_REQUEST,
                 code: "invalid_module",
                 message: format!("Worker `{name}` was not replaced: {e:#}"),
@@ -323,13 +324,13 @@ impl Workers {
     /// Undoes the last change to `name`: the version that served before
     /// the current one serves again (a second rollback walks further
     /// back). Its module is compiled again from the kept copy.
-    pub async fn rollback(&self, name: &str) -> Result<serde_json::Value, GatewayError> {
+    pub async fn rollback(&self, name: &str) -> Result<serde_json::Value, WorkerDeployError> {
         let _one = self.deploys.lock().await;
         let _store = self.begin_change(name).await?;
         let current = self.find(name)?;
         let mut book = self.book(name)?;
         let Some(target) = book.history.rollback_target() else {
-            return Err(GatewayError::Admin {
+            return Err(WorkerDeployError {
                 status: StatusCode::CONFLICT,
                 code: "nothing_to_roll_back",
                 message: format!(
@@ -349,13 +350,13 @@ impl Workers {
         &self,
         name: &str,
         version: u64,
-    ) -> Result<serde_json::Value, GatewayError> {
+    ) -> Result<serde_json::Value, WorkerDeployError> {
         let _one = self.deploys.lock().await;
         let _store = self.begin_change(name).await?;
         let current = self.find(name)?;
         let mut book = self.book(name)?;
         if current.version == version {
-            return Err(GatewayError::Admin {
+            return Err(WorkerDeployError {
                 status: StatusCode::CONFLICT,
                 code: "conflict",
                 message: format!("Version {version} of worker `{name}` is already active."),
@@ -373,7 +374,7 @@ impl Workers {
         current: &Mounted,
         book: &Book,
         version: u64,
-    ) -> Result<Mounted, GatewayError> {
+    ) -> Result<Mounted, WorkerDeployError> {
         let name = &current.name;
         let sandbox = self.sandbox.as_ref().ok_or_else(|| unknown(name))?;
         let bytes = book
@@ -385,7 +386,7 @@ impl Workers {
                 .iter()
                 .map(|k| k.version.to_string())
                 .collect();
-            return Err(GatewayError::Admin {
+            return Err(WorkerDeployError {
                 status: StatusCode::NOT_FOUND,
                 code: "version_not_found",
                 message: format!(
@@ -394,7 +395,7 @@ impl Workers {
                 ),
             });
         };
-        mount(sandbox, &current.config, bytes, version).map_err(|e| GatewayError::Admin {
+        mount(sandbox, &current.config, bytes, version).map_err(|e| WorkerDeployError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             code: "internal_error",
             message: format!("Worker `{name}` version {version} no longer mounts: {e:#}"),
@@ -402,7 +403,7 @@ impl Workers {
     }
 
     /// A copy of `name`'s book to change; [`Workers::install`] puts it back.
-    fn book(&self, name: &str) -> Result<Book, GatewayError> {
+    fn book(&self, name: &str) -> Result<Book, WorkerDeployError> {
         self.books
             .lock()
             .ok()
@@ -417,7 +418,7 @@ impl Workers {
         next: Mounted,
         book: Book,
         what: &str,
-    ) -> Result<serde_json::Value, GatewayError> {
+    ) -> Result<serde_json::Value, WorkerDeployError> {
         let mut books = self.books()?;
         let mut described = next.describe();
         book.describe(&mut described);
@@ -434,27 +435,27 @@ impl Workers {
     }
 
     /// Every worker's book, to change and put back.
-    fn books(&self) -> Result<Books, GatewayError> {
+    fn books(&self) -> Result<Books, WorkerDeployError> {
         self.books
             .lock()
             .map(|books| books.clone())
-            .map_err(|_| GatewayError::Admin {
+            .map_err(|_| WorkerDeployError {
                 status: StatusCode::INTERNAL_SERVER_ERROR,
                 code: "internal_error",
                 message: "The workers' books are poisoned.".into(),
             })
     }
 
-    fn write_failed(&self, name: &str, e: StoreError) -> GatewayError {
+    fn write_failed(&self, name: &str, e: StoreError) -> WorkerDeployError {
         if let StoreError::Locked(_) = e {
-            return GatewayError::Admin {
+            return WorkerDeployError {
                 status: StatusCode::CONFLICT,
                 code: "conflict",
                 message: format!("Worker `{name}` was not changed: {e}"),
             };
         }
         let dir = self.shelf.dir().unwrap_or(Path::new("."));
-        GatewayError::Admin {
+        WorkerDeployError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             code: "state_write_failed",
             message: format!("Saving worker `{name}` in {}: {e}", dir.display()),
@@ -464,13 +465,13 @@ impl Workers {
     /// Takes the state directory's lock for a change (other replicas
     /// sharing it wait), then catches up with what they saved, so the
     /// change applies to the latest versions. Released when dropped.
-    async fn begin_change(&self, name: &str) -> Result<Option<StoreLock>, GatewayError> {
+    async fn begin_change(&self, name: &str) -> Result<Option<StoreLock>, WorkerDeployError> {
         let lock = self
             .shelf
             .lock()
             .await
             .map_err(|e| self.write_failed(name, e))?;
-        self.catch_up().map_err(|e| GatewayError::Admin {
+        self.catch_up().map_err(|e| WorkerDeployError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             code: "internal_error",
             message: format!("Reading the workers another replica saved: {e:#}"),
@@ -541,7 +542,7 @@ impl Workers {
         Ok(true)
     }
 
-    fn find(&self, name: &str) -> Result<Arc<Mounted>, GatewayError> {
+    fn find(&self, name: &str) -> Result<Arc<Mounted>, WorkerDeployError> {
         self.mounted
             .load()
             .iter()
@@ -566,8 +567,8 @@ impl Workers {
     }
 }
 
-fn unknown(name: &str) -> GatewayError {
-    GatewayError::Admin {
+fn unknown(name: &str) -> WorkerDeployError {
+    WorkerDeployError {
         status: StatusCode::NOT_FOUND,
         code: "unknown_worker",
         message: format!("No worker named `{name}` is configured ([[workers]] in sluice.toml)."),
@@ -620,4 +621,24 @@ fn mount(
         config: config.clone(),
         handler,
     })
+}
+
+/// A worker deploy, rollback or activation refused (bad module, unknown
+/// worker or version, nothing to roll back, state not saved); the admin
+/// API answers with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct WorkerDeployError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Problem for WorkerDeployError {
+    fn status(&self) -> StatusCode {
+        self.status
+    }
+    fn code(&self) -> &str {
+        self.code
+    }
 }

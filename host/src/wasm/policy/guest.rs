@@ -16,6 +16,7 @@ use super::contract::{
     TargetSpec, TextDecision,
 };
 use crate::api::openai::Endpoint;
+use crate::api::CREDENTIAL_HEADERS;
 use crate::fleet::Fleet;
 use crate::wasm::limits::MemoryCap;
 use crate::wasm::store::Capped;
@@ -39,15 +40,6 @@ pub mod v1 {
         exports: { default: async },
     });
 }
-
-/// Headers a guest never sees: they carry the client's credentials.
-pub const HIDDEN_HEADERS: [&str; 5] = [
-    "authorization",
-    "proxy-authorization",
-    "cookie",
-    "x-api-key",
-    "api-key",
-];
 
 /// How much of a guest's stderr is kept to explain a trap (panic messages).
 pub const STDERR_CAPACITY: usize = 4096;
@@ -103,7 +95,7 @@ impl GuestState {
 
     fn header(&self, name: &str) -> Option<String> {
         let name = name.to_ascii_lowercase();
-        if HIDDEN_HEADERS.contains(&name.as_str()) {
+        if CREDENTIAL_HEADERS.contains(&name.as_str()) {
             return None;
         }
         let value = self.headers.get(name.as_str())?;
@@ -113,7 +105,7 @@ impl GuestState {
     fn visible_headers(&self) -> Vec<(String, String)> {
         self.headers
             .iter()
-            .filter(|(name, _)| !HIDDEN_HEADERS.contains(&name.as_str()))
+            .filter(|(name, _)| !CREDENTIAL_HEADERS.contains(&name.as_str()))
             .map(|(name, value)| {
                 let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
                 (name.as_str().to_string(), value)

@@ -14,6 +14,6 @@ mod runtime;
 mod snapshot;
 
 pub use error::{FailureKind, PolicyError};
-pub use guest::{CallContext, HIDDEN_HEADERS};
+pub use guest::CallContext;
 pub use kept::{Kept, KeptInstances};
 pub use runtime::{Pre, Prepared, Runtime};
