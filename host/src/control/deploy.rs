@@ -214,11 +214,7 @@ impl Deployer {
         bytes: Vec<u8>,
         request: DeployRequest,
     ) -> Result<Version, DeployError> {
-        if !valid_name(name) {
-            return Err(DeployError::Invalid(format!(
-                "`{name}` is not a valid policy name (1 to 64 of [A-Za-z0-9_.-])"
-            )));
-        }
+        crate::config::names::check_policy_name(name).map_err(DeployError::Invalid)?;
         let mut state = self.state.lock().await;
         let _store = self.lock_store(&mut state).await?;
         let existing = state.entries.iter().position(|e| e.name == name);
@@ -797,14 +793,6 @@ fn index(state: &State, name: &str) -> Result<usize, DeployError> {
         .iter()
         .position(|e| e.name == name)
         .ok_or_else(|| DeployError::NotFound(name.to_string()))
-}
-
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
 /// Keeps every version a rollback can reach, then the newest others, up
