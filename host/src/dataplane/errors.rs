@@ -42,6 +42,13 @@ pub enum GatewayError {
     BackendTimeout { backend: String, timeout: Duration },
     #[error("Backend `{backend}` answered with status {status}.")]
     BackendStatus { backend: String, status: StatusCode },
+    #[error(
+        "Backend `{backend}` answered a stream request with `{content_type}`, not an event stream."
+    )]
+    BackendNotAStream {
+        backend: String,
+        content_type: String,
+    },
     #[error("Every backend for model `{model}` is busy and {waiting} requests already wait; retry later.")]
     QueueFull { model: String, waiting: usize },
     #[error("Every backend for model `{model}` stayed busy for {waited:?}; retry later.")]
@@ -109,7 +116,9 @@ impl GatewayError {
             NoBackend { .. } | QueueFull { .. } | QueueTimeout { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            BackendUnreachable { .. } | BackendStatus { .. } => StatusCode::BAD_GATEWAY,
+            BackendUnreachable { .. } | BackendStatus { .. } | BackendNotAStream { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             AdminUnauthorized => StatusCode::UNAUTHORIZED,
             ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
             Admin { status, .. } | Worker { status, .. } => *status,
@@ -133,7 +142,7 @@ impl GatewayError {
             NoBackend { .. } => "no_backend_available",
             BackendUnreachable { .. } => "backend_unreachable",
             BackendTimeout { .. } => "backend_timeout",
-            BackendStatus { .. } => "backend_error",
+            BackendStatus { .. } | BackendNotAStream { .. } => "backend_error",
             AdminUnauthorized => "invalid_admin_token",
             ModelNotAllowed { .. } => "model_not_allowed",
             QueueFull { .. } => "queue_full",

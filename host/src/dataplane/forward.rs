@@ -43,6 +43,10 @@ pub const HOP_BY_HOP: [HeaderName; 8] = [
     header::HOST,
 ];
 
+/// What a backend says about its own software (`server: uvicorn`,
+/// `x-powered-by`): not the client's business, and a map for an attacker.
+const BACKEND_IDENTITY: [HeaderName; 2] = [header::SERVER, HeaderName::from_static("x-powered-by")];
+
 /// The client's credentials never travel to a backend; a backend that needs
 /// one gets its configured `api_key`.
 const CREDENTIALS: [HeaderName; 5] = [
@@ -372,6 +376,7 @@ impl Upstream {
             }
         };
         strip(&mut parts.headers, &HOP_BY_HOP);
+        strip(&mut parts.headers, &BACKEND_IDENTITY);
         if let Ok(name) = HeaderValue::from_str(&backend.name) {
             parts.headers.insert(BACKEND_HEADER, name);
         }
