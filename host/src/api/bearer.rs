@@ -27,7 +27,7 @@ pub fn presented(value: Option<&[u8]>) -> Presented<'_> {
     let Some((scheme, token)) = value.split_first_chunk::<6>() else {
         return Presented::Nothing;
     };
-    if !scheme.eq_ignore_ascii_case(b"bearer") || !token.first().is_some_and(|b| *b == b' ') {
+    if !scheme.eq_ignore_ascii_case(b"bearer") || token.first() != Some(&b' ') {
         return Presented::Nothing;
     }
     let Ok(token) = std::str::from_utf8(token) else {
