@@ -73,6 +73,7 @@ enum PolicyAction {
     },
     /// Deploy FILE.wasm as a new version of NAME (a new policy if NAME is new).
     Deploy {
+        #[arg(value_parser = policy_name)]
         name: String,
         module: PathBuf,
         /// The policy's config as a JSON file (default: the active version's).
@@ -93,18 +94,43 @@ enum PolicyAction {
     List,
     /// Undo NAME's last change: the version that served before the active
     /// one serves again (again: further back).
-    Rollback { name: String },
+    Rollback {
+        #[arg(value_parser = policy_name)]
+        name: String,
+    },
     /// Make version VERSION of NAME active (a rollback then returns to the
     /// version active before).
-    Activate { name: String, version: u32 },
+    Activate {
+        #[arg(value_parser = policy_name)]
+        name: String,
+        version: u32,
+    },
     /// Take NAME out of the chain.
-    Remove { name: String },
+    Remove {
+        #[arg(value_parser = policy_name)]
+        name: String,
+    },
     /// How often NAME's shadow decided differently, with examples.
-    Shadow { name: String },
+    Shadow {
+        #[arg(value_parser = policy_name)]
+        name: String,
+    },
     /// Make NAME's shadow its active version.
-    Promote { name: String },
+    Promote {
+        #[arg(value_parser = policy_name)]
+        name: String,
+    },
     /// Drop NAME's shadow.
-    Discard { name: String },
+    Discard {
+        #[arg(value_parser = policy_name)]
+        name: String,
+    },
+}
+
+/// A policy NAME argument: the pattern the admin API enforces, checked
+/// before the name is put in a URL.
+fn policy_name(name: &str) -> Result<String, String> {
+    sluice::config::names::check_policy_name(name).map(|()| name.to_string())
 }
 
 #[derive(Subcommand)]
@@ -122,6 +148,9 @@ enum Command {
         /// The admin API's bearer token (else `server.admin_token_file`).
         #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
         admin_token: Option<String>,
+        /// Overrides `server.status_endpoints` (`summary` or `data-plane`).
+        #[arg(long, env = "SLUICE_STATUS_ENDPOINTS")]
+        status_endpoints: Option<sluice::config::StatusEndpoints>,
     },
     /// Deploy, list, roll back and shadow policies on a running gateway.
     Policy {
@@ -179,7 +208,13 @@ enum Command {
         first_token_ms: u64,
         #[arg(long, env = "SLUICE_MOCK_TOKEN_INTERVAL_MS", default_value_t = 0)]
         token_interval_ms: u64,
-        #[arg(long, env = "SLUICE_MOCK_ANSWER_TOKENS", default_value_t = 16)]
+        /// Tokens in an answer `max_tokens` does not cut short (1 to 100000).
+        #[arg(
+            long,
+            env = "SLUICE_MOCK_ANSWER_TOKENS",
+            default_value_t = 16,
+            value_parser = clap::value_parser!(u32).range(1..=i64::from(sluice::tools::mock::MAX_ANSWER_TOKENS))
+        )]
         answer_tokens: u32,
     },
 }
@@ -213,6 +248,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             listen,
             admin_listen,
             admin_token,
+            status_endpoints,
         } => {
             let path = config;
             let mut config = Config::load(&path)?;
@@ -221,6 +257,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             if let Some(admin_listen) = admin_listen {
                 config.server.admin_listen = Some(admin_listen);
+            }
+            if let Some(status_endpoints) = status_endpoints {
+                config.server.status_endpoints = status_endpoints;
             }
             serve(config, path, admin_token).await
         }
@@ -414,21 +453,27 @@ async fn serve(
     path: std::path::PathBuf,
     admin_token: Option<String>,
 ) -> anyhow::Result<()> {
-    let token = match (admin_token, &config.server.admin_token_file) {
-        (Some(token), _) => Some(token),
-        (None, Some(file)) => Some(
+    let given = match (admin_token, &config.server.admin_token_file) {
+        (Some(token), _) => Some(("SLUICE_ADMIN_TOKEN", token)),
+        (None, Some(file)) => Some((
+            "server.admin_token_file",
             std::fs::read_to_string(file)
-                .with_context(|| format!("server.admin_token_file: reading {}", file.display()))?
-                .trim()
-                .to_string(),
-        ),
+                .with_context(|| format!("server.admin_token_file: reading {}", file.display()))?,
+        )),
         (None, None) => None,
-    }
-    .filter(|t| !t.is_empty());
+    };
     let admin_addr = config
         .server
         .admin_listen
         .unwrap_or(sluice::config::DEFAULT_ADMIN_LISTEN);
+    let token = match given {
+        Some((source, token)) => Some(sluice::control::admin::check_token(
+            source,
+            &token,
+            admin_addr.ip().is_loopback(),
+        )?),
+        None => None,
+    };
     if token.is_none() && !admin_addr.ip().is_loopback() {
         anyhow::bail!(
             "server.admin_listen: {admin_addr} is not a loopback address, and no admin token is set \

@@ -31,7 +31,7 @@ const STEADY: &str = "[health_check]\nenabled = false\n[ejection]\nafter_failure
 
 /// What a fake backend saw.
 #[derive(Default)]
-struct FakeStats {
+pub(crate) struct FakeStats {
     requests: AtomicU64,
     /// Connections the gateway closed (or reset) while the fake was still
     /// sending or waiting: a cancelled backend request.
@@ -40,7 +40,7 @@ struct FakeStats {
 
 /// A raw-TCP backend; `serve` plays one connection after its request was
 /// read (the model asked for is passed along).
-struct Fake {
+pub(crate) struct Fake {
     addr: SocketAddr,
     stats: Arc<FakeStats>,
     task: tokio::task::JoinHandle<()>,
@@ -53,12 +53,12 @@ impl Drop for Fake {
 }
 
 impl Fake {
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 }
 
-async fn fake<F, Fut>(serve: F) -> Fake
+pub(crate) async fn fake<F, Fut>(serve: F) -> Fake
 where
     F: Fn(TcpStream, String, Arc<FakeStats>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
@@ -142,7 +142,7 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
 }
 
 /// Writes `bytes`; false when the gateway closed the connection.
-async fn send(stream: &mut TcpStream, bytes: impl AsRef<[u8]>) -> bool {
+pub(crate) async fn send(stream: &mut TcpStream, bytes: impl AsRef<[u8]>) -> bool {
     stream.write_all(bytes.as_ref()).await.is_ok()
 }
 
@@ -209,7 +209,7 @@ async fn until_mock_idle(stats: &sluice::tools::mock::MockStats, limit: Duration
 }
 
 /// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()

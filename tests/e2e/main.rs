@@ -11,6 +11,7 @@ mod deploy;
 mod errors;
 mod fleet;
 mod guard;
+mod hostile;
 mod replicas;
 mod rollback;
 mod routing;

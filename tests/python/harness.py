@@ -171,7 +171,7 @@ class Gateway:
             [sluice_bin(), "serve", "--config", str(self.config_path),
              "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
-            cwd=self.workdir, env={**os.environ, "RUST_LOG": "warn", **self.env},
+            cwd=self.workdir, env={**os.environ, "RUST_LOG": "warn", "SLUICE_STATUS_ENDPOINTS": "data-plane", **self.env},
             start_new_session=True)
         lines: queue.Queue = queue.Queue()
 

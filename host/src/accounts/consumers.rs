@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 
+use crate::api::bearer::{self, Presented};
 use crate::config::names::check_consumer_name;
 use crate::config::{ConsumerConfig, ConsumerLimits};
 use crate::store::{sha256_hex, Document, Store};
@@ -216,19 +217,13 @@ impl Consumers {
 
     /// Identifies the caller from its `Authorization` header value.
     pub fn identify(&self, authorization: Option<&str>) -> Result<Identity, AuthError> {
-        let key = authorization
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .filter(|k| !k.is_empty());
-        let Some(key) = key else {
-            return if self.required {
-                Err(AuthError::Missing)
-            } else {
-                Ok(Identity::Anonymous)
-            };
+        let key = match bearer::presented(authorization.map(str::as_bytes)) {
+            Presented::Token(key) => key,
+            Presented::Nothing if self.required => return Err(AuthError::Missing),
+            // Over the bound or not text: no key is like it, and it is not
+            // hashed.
+            Presented::Unusable if self.required => return Err(AuthError::Invalid),
+            Presented::Nothing | Presented::Unusable => return Ok(Identity::Anonymous),
         };
         let index = self.index.load();
         let hash = hash_key(key);

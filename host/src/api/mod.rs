@@ -2,9 +2,10 @@
 //! the OpenAI request and answer shapes it reads and writes ([`openai`]),
 //! server-sent events as backends send them ([`sse`]), counting tokens
 //! when a backend reports none ([`tokens`]), the one renderer of errors in
-//! an API's shape ([`render`]), and the headers that carry a client's
-//! credentials.
+//! an API's shape ([`render`]), bearer tokens as clients present them
+//! ([`bearer`]), and the headers that carry a client's credentials.
 
+pub mod bearer;
 pub mod openai;
 pub mod prefix;
 pub mod render;

@@ -78,6 +78,12 @@ impl Problem for BadRequest {
 /// parses. Deeper bodies would be refused downstream, or worse.
 pub const MAX_DEPTH: usize = 127;
 
+/// The longest `model` name a request may carry, in bytes. The name is
+/// logged, echoed in errors, counted per consumer and handed to every
+/// policy: real model names are well under 100 bytes, so a longer one is
+/// refused (400 `model_too_long`) before it is copied anywhere.
+pub const MAX_MODEL_BYTES: usize = 256;
+
 impl RequestHead {
     pub fn parse(body: &[u8]) -> Result<RequestHead, BadRequest> {
         // serde_json checks UTF-8 only in the strings it reads, not in the
@@ -135,6 +141,16 @@ impl RequestHead {
             ));
         }
         match head.model {
+            // Checked on the borrowed text: a long name is refused before
+            // it is copied into an owned string.
+            Some(model) if model.len() > MAX_MODEL_BYTES => Err(BadRequest {
+                message: format!(
+                    "The model name is {} bytes long; at most {MAX_MODEL_BYTES} are accepted.",
+                    model.len()
+                ),
+                code: "model_too_long",
+                param: Some("model"),
+            }),
             Some(model) if !model.is_empty() => Ok(RequestHead {
                 model: model.into_owned(),
                 stream: head.stream.unwrap_or(false),
@@ -273,6 +289,22 @@ mod tests {
         assert_eq!(
             code(b" [\"m\", true, {\"include_usage\": true}]"),
             "invalid_request_body"
+        );
+    }
+
+    #[test]
+    fn model_names_are_bounded() {
+        let body = |n: usize| format!("{{\"model\":\"{}\"}}", "m".repeat(n));
+        assert!(RequestHead::parse(body(MAX_MODEL_BYTES).as_bytes()).is_ok());
+        let refused = RequestHead::parse(body(MAX_MODEL_BYTES + 1).as_bytes()).unwrap_err();
+        assert_eq!(refused.code(), "model_too_long");
+        assert_eq!(refused.param(), Some("model"));
+        assert!(refused.message.len() < 200, "the name is not echoed");
+        // Escapes count as the text they stand for.
+        let escaped = format!("{{\"model\":\"{}\"}}", "\\u00e9".repeat(MAX_MODEL_BYTES));
+        assert_eq!(
+            RequestHead::parse(escaped.as_bytes()).unwrap_err().code(),
+            "model_too_long"
         );
     }
 

@@ -175,6 +175,37 @@ pub struct ServerConfig {
     /// backends (SIGHUP reloads at once); `0s` turns watching off.
     #[serde(deserialize_with = "de_duration")]
     pub reload_interval: Duration,
+    /// What `/health`, `/load-stats` and `/metrics` show on the data-plane
+    /// port (the admin listener always serves them in full, under the admin
+    /// token).
+    pub status_endpoints: StatusEndpoints,
+}
+
+/// How much of the gateway's state the data-plane port shows to anyone who
+/// can reach it (`server.status_endpoints`, `SLUICE_STATUS_ENDPOINTS`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StatusEndpoints {
+    /// `/health` answers only `{"healthy":…}` (200 or 503, for load
+    /// balancers and container health checks); `/load-stats` and
+    /// `/metrics` are 404. Backend URLs, their errors and consumer names
+    /// stay on the admin listener.
+    #[default]
+    Summary,
+    /// `/health`, `/load-stats` and `/metrics` in full on the data plane
+    /// too, for a port only trusted networks reach.
+    DataPlane,
+}
+
+impl std::str::FromStr for StatusEndpoints {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "summary" => Ok(StatusEndpoints::Summary),
+            "data-plane" => Ok(StatusEndpoints::DataPlane),
+            _ => Err(format!("`{s}`: expected `summary` or `data-plane`")),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -193,6 +224,7 @@ impl Default for ServerConfig {
             admin_listen: None,
             admin_token_file: None,
             reload_interval: Duration::from_secs(2),
+            status_endpoints: StatusEndpoints::Summary,
         }
     }
 }
@@ -779,9 +811,7 @@ impl Config {
         let mut names = HashSet::new();
         for (i, p) in self.policies.iter().enumerate() {
             let key = |field: &str| format!("policies[{i}].{field}");
-            if p.name.is_empty() {
-                return Err(invalid(key("name"), "must not be empty"));
-            }
+            names::check_policy_name(&p.name).map_err(|m| invalid(key("name"), m))?;
             if !names.insert(p.name.as_str()) {
                 return Err(invalid(key("name"), format!("`{}` is used twice", p.name)));
             }

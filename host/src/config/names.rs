@@ -2,37 +2,44 @@
 //! and in admin URLs alike — kept in one place so the file and the API
 //! accept the same things.
 
-/// A consumer's name: 1 to 64 of `[A-Za-z0-9_.-@]`.
-pub fn check_consumer_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
+/// The one pattern for the names of policies, consumers and workers —
+/// what appears in admin URLs (`/admin/policies/NAME`), CLI arguments,
+/// state-directory file names and the config file.
+pub const NAME_PATTERN: &str = "1 to 64 of [A-Za-z0-9_.@-], starting with a letter or a digit";
+
+/// Whether `name` follows [`NAME_PATTERN`]. Starting with a letter or digit
+/// rules out `.` and `..` (which URL-normalising clients rewrite, so such a
+/// name could not be addressed afterwards), hidden file names, and names
+/// that read as command-line flags.
+pub fn check_name(kind: &str, name: &str) -> Result<(), String> {
+    let ok = name.len() <= 64
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_.-@".contains(&b));
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "consumer name `{name}` must be 1 to 64 of [A-Za-z0-9_.-@]"
-        ))
+        Err(format!("{kind} name `{name}` must be {NAME_PATTERN}"))
     }
 }
 
-/// A worker's name, which appears in admin URLs and file names: 1 to 64 of
-/// `[A-Za-z0-9_-]`.
+/// A consumer's name: [`NAME_PATTERN`].
+pub fn check_consumer_name(name: &str) -> Result<(), String> {
+    check_name("consumer", name)
+}
+
+/// A worker's name: [`NAME_PATTERN`].
 pub fn check_worker_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "worker name `{name}` must be 1 to 64 of [A-Za-z0-9_-]"
-        ))
-    }
+    check_name("worker", name)
+}
+
+/// A policy's name: [`NAME_PATTERN`].
+pub fn check_policy_name(name: &str) -> Result<(), String> {
+    check_name("policy", name)
 }
 
 /// What a path must start with for a worker's `route` (`/tools/*` covers
@@ -77,4 +84,39 @@ pub fn host_and_port(text: &str) -> Result<(String, Option<u16>), String> {
         return Err(bad());
     }
     Ok((host.to_ascii_lowercase(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_one_pattern() {
+        for good in [
+            "router",
+            "team-a",
+            "a.b",
+            "ops@corp",
+            "v1_2",
+            "A",
+            &"x".repeat(64),
+        ] {
+            assert!(check_name("policy", good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "-flag",
+            "_x",
+            "a/b",
+            "a b",
+            "a%2e",
+            &"x".repeat(65),
+        ] {
+            let e = check_name("policy", bad).unwrap_err();
+            assert!(e.contains(NAME_PATTERN), "{e}");
+        }
+    }
 }

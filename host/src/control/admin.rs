@@ -21,6 +21,50 @@ use crate::dataplane::workers::WorkerDeployError;
 use crate::problem::Problem;
 use tokio::sync::watch;
 
+/// The shortest admin token accepted when the admin listener is not on a
+/// loopback address: 16 bytes, about 96 bits if random (`sluice new-key`
+/// makes 51 bytes).
+pub const MIN_TOKEN_BYTES_OFF_LOOPBACK: usize = 16;
+
+/// An admin token the gateway refuses to start with.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("{setting}: the admin token is empty or only whitespace; set a real token or leave it unset")]
+    Blank { setting: &'static str },
+    #[error(
+        "{setting}: the admin token is {len} bytes; with server.admin_listen off loopback it must be \
+         at least {MIN_TOKEN_BYTES_OFF_LOOPBACK} (e.g. from `sluice new-key`)"
+    )]
+    TooShort { setting: &'static str, len: usize },
+    #[error("{setting}: the admin token is over {max} bytes", max = crate::api::bearer::MAX_TOKEN_BYTES)]
+    TooLong { setting: &'static str },
+}
+
+/// The admin token from `setting` (`SLUICE_ADMIN_TOKEN` or
+/// `server.admin_token_file`), surrounding whitespace trimmed: refused when
+/// nothing is left, when it is too short to be secret on a listener off
+/// loopback, or longer than a client's header may carry.
+pub fn check_token(
+    setting: &'static str,
+    token: &str,
+    loopback: bool,
+) -> Result<String, TokenError> {
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(TokenError::Blank { setting });
+    }
+    if token.len() > crate::api::bearer::MAX_TOKEN_BYTES {
+        return Err(TokenError::TooLong { setting });
+    }
+    if !loopback && token.len() < MIN_TOKEN_BYTES_OFF_LOOPBACK {
+        return Err(TokenError::TooShort {
+            setting,
+            len: token.len(),
+        });
+    }
+    Ok(token.to_string())
+}
+
 /// Largest component accepted by a deploy.
 const MAX_MODULE_BYTES: u64 = 64 << 20;
 
@@ -74,19 +118,24 @@ impl Admin {
         let Some(token) = &self.token else {
             return true;
         };
-        let presented = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        constant_time_eq(presented.as_bytes(), token.as_bytes())
+        let header = request.headers().get(header::AUTHORIZATION);
+        match crate::api::bearer::presented(header.map(http::HeaderValue::as_bytes)) {
+            crate::api::bearer::Presented::Token(presented) => {
+                constant_time_eq(presented.as_bytes(), token.as_bytes())
+            }
+            _ => false,
+        }
     }
 
     async fn route(&self, request: Request<Incoming>) -> Result<Response<Body>, AdminError> {
         let path = request.uri().path().trim_end_matches('/').to_string();
         let segments: Vec<&str> = path.split('/').skip(1).collect();
         let method = request.method().clone();
+        if method == Method::GET {
+            if let Some(page) = self.gateway.status_page(&path) {
+                return Ok(page);
+            }
+        }
         let deployer = &self.deployer;
         match (&method, segments.as_slice()) {
             (&Method::GET, ["admin", "policies"]) => json(StatusCode::OK, &deployer.list().await),
@@ -491,6 +540,27 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admin_tokens_must_be_real() {
+        assert!(matches!(
+            check_token("SLUICE_ADMIN_TOKEN", " \t\n", true),
+            Err(TokenError::Blank { .. })
+        ));
+        assert!(matches!(
+            check_token("SLUICE_ADMIN_TOKEN", "x", false),
+            Err(TokenError::TooShort { len: 1, .. })
+        ));
+        assert_eq!(check_token("f", " x\n", true).unwrap(), "x");
+        assert_eq!(
+            check_token("f", "0123456789abcdef\n", false).unwrap(),
+            "0123456789abcdef"
+        );
+        let message = check_token("server.admin_token_file", "short", false)
+            .unwrap_err()
+            .to_string();
+        assert!(message.starts_with("server.admin_token_file:"), "{message}");
+    }
 
     #[test]
     fn tokens_compare_whole() {

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use crate::metrics::metrics;
+use crate::text::LogSafe;
 use crate::usage::{now_ms, UsageRecord, UsageStore};
 
 /// Answer text kept for estimating tokens when a backend reports none.
@@ -437,10 +438,11 @@ fn settle(
             target: "sluice::access",
             request_id = record.request_id,
             endpoint = %record.endpoint,
-            model = %record.model_requested,
-            model_answered = record.model_answered.as_deref().unwrap_or(""),
-            backend = record.backend.as_deref().unwrap_or(""),
-            consumer = record.consumer.as_deref().unwrap_or(""),
+            // Client-chosen (or derived) text, escaped: one request, one line.
+            model = %LogSafe(&record.model_requested),
+            model_answered = %LogSafe(record.model_answered.as_deref().unwrap_or("")),
+            backend = %LogSafe(record.backend.as_deref().unwrap_or("")),
+            consumer = %LogSafe(record.consumer.as_deref().unwrap_or("")),
             status = record.status,
             stream = record.stream,
             prompt_tokens = record.prompt_tokens,

@@ -43,6 +43,13 @@ pub enum GatewayError {
     BackendTimeout { backend: String, timeout: Duration },
     #[error("Backend `{backend}` answered with status {status}.")]
     BackendStatus { backend: String, status: StatusCode },
+    #[error(
+        "Backend `{backend}` answered a stream request with `{content_type}`, not an event stream."
+    )]
+    BackendNotAStream {
+        backend: String,
+        content_type: String,
+    },
     #[error("Every backend for model `{model}` is busy and {waiting} requests already wait; retry later.")]
     QueueFull { model: String, waiting: usize },
     #[error("Every backend for model `{model}` stayed busy for {waited:?}; retry later.")]
@@ -108,7 +115,9 @@ impl Problem for GatewayError {
             NoBackend { .. } | QueueFull { .. } | QueueTimeout { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            BackendUnreachable { .. } | BackendStatus { .. } => StatusCode::BAD_GATEWAY,
+            BackendUnreachable { .. } | BackendStatus { .. } | BackendNotAStream { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
             Worker { status, .. } => *status,
             BackendTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -130,7 +139,7 @@ impl Problem for GatewayError {
             NoBackend { .. } => "no_backend_available",
             BackendUnreachable { .. } => "backend_unreachable",
             BackendTimeout { .. } => "backend_timeout",
-            BackendStatus { .. } => "backend_error",
+            BackendStatus { .. } | BackendNotAStream { .. } => "backend_error",
             ModelNotAllowed { .. } => "model_not_allowed",
             QueueFull { .. } => "queue_full",
             QueueTimeout { .. } => "queue_timeout",

@@ -44,6 +44,10 @@ pub const HOP_BY_HOP: [HeaderName; 8] = [
     header::HOST,
 ];
 
+/// What a backend says about its own software (`server: uvicorn`,
+/// `x-powered-by`): not the client's business, and a map for an attacker.
+const BACKEND_IDENTITY: [HeaderName; 2] = [header::SERVER, HeaderName::from_static("x-powered-by")];
+
 /// Tells the client (and an operator reading a trace) which backend answered.
 pub const BACKEND_HEADER: HeaderName = HeaderName::from_static("x-sluice-backend");
 /// Which model answered: differs from the one asked after a fallback.
@@ -363,6 +367,7 @@ impl Upstream {
             }
         };
         strip(&mut parts.headers, &HOP_BY_HOP);
+        strip(&mut parts.headers, &BACKEND_IDENTITY);
         if let Ok(name) = HeaderValue::from_str(&backend.name) {
             parts.headers.insert(BACKEND_HEADER, name);
         }

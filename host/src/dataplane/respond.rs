@@ -43,6 +43,28 @@ pub async fn respond(
     if answer.is_event_stream() {
         return Ok(filter.stream(answer, acct));
     }
+    if filter.route.info.stream && filter.route.info.endpoint != Endpoint::Embeddings {
+        // An HTML page or a JSON body where events were asked for: the
+        // client's SSE parser would choke on it; it gets the API's error.
+        let content_type = answer
+            .parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .map(|v| {
+                String::from_utf8_lossy(v.as_bytes())
+                    .chars()
+                    .take(100)
+                    .collect()
+            })
+            .unwrap_or_else(|| "no content-type".to_string());
+        let error = GatewayError::BackendNotAStream {
+            backend: answer.backend.name.to_string(),
+            content_type,
+        };
+        acct.set_status(error.status().as_u16());
+        acct.finish();
+        return Err(error);
+    }
     if holdback.is_some() {
         return filter.whole(answer, acct).await;
     }

@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use crate::accounts::consumers::Consumers;
 use crate::accounts::limits::Limiter;
 use crate::api::openai::{self, Endpoint};
-use crate::config::Config;
+use crate::config::{Config, StatusEndpoints};
 use crate::dataplane::accounting::Ledger;
 use crate::dataplane::body::Body;
 use crate::dataplane::errors::GatewayError;
@@ -57,6 +57,8 @@ pub struct Gateway {
     started_at: u64,
     /// False once shutdown began: `/ready` answers 503.
     ready: std::sync::atomic::AtomicBool,
+    /// What the status pages show on this port (`server.status_endpoints`).
+    status_endpoints: StatusEndpoints,
 }
 
 impl Gateway {
@@ -109,6 +111,7 @@ impl Gateway {
             recorder: Recorder::start(&config.recording),
             next_id: AtomicU64::new(1),
             ready: std::sync::atomic::AtomicBool::new(true),
+            status_endpoints: server.status_endpoints,
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -131,6 +134,12 @@ impl Gateway {
                 .await
                 .unwrap_or_else(GatewayError::into_response);
         }
+        if request.method() == Method::GET && path == "/v1/models" {
+            let (parts, _) = request.into_parts();
+            return self
+                .models(&parts)
+                .unwrap_or_else(GatewayError::into_response);
+        }
         let method = request.method();
         let result = match Endpoint::from_path(path) {
             Some(endpoint) if method == Method::POST => {
@@ -141,16 +150,6 @@ impl Gateway {
                 path: path.to_string(),
             }),
             None => match (method, path) {
-                (&Method::GET, "/v1/models") => Ok(json_response(&openai::model_list(
-                    &self.fleet.load().healthy_models(),
-                    self.started_at,
-                ))),
-                (&Method::GET, "/health") => {
-                    let (status, report) = crate::fleet::health::report(&self.fleet.load());
-                    let mut response = json_response(&report);
-                    *response.status_mut() = status;
-                    Ok(response)
-                }
                 (&Method::GET, "/ready") => {
                     let ready = self.ready.load(Ordering::Relaxed);
                     let mut response = json_response(&serde_json::json!({"ready": ready}));
@@ -159,26 +158,62 @@ impl Gateway {
                     }
                     Ok(response)
                 }
-                (&Method::GET, "/load-stats") => Ok(json_response(
-                    &crate::fleet::stats::load_stats(&self.fleet.load()),
-                )),
-                (&Method::GET, "/metrics") => {
-                    let metrics = crate::metrics::metrics();
-                    for b in self.fleet.load().backends() {
-                        metrics.backend(&b.name, b.in_flight(), b.is_healthy());
-                    }
-                    let text = metrics.render();
-                    let mut response = Response::new(Body::full(text));
-                    response.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                    );
+                (&Method::GET, "/health") if self.status_endpoints == StatusEndpoints::Summary => {
+                    let (status, _) = crate::fleet::health::report(&self.fleet.load());
+                    let mut response =
+                        json_response(&serde_json::json!({"healthy": status.is_success()}));
+                    *response.status_mut() = status;
                     Ok(response)
                 }
+                (&Method::GET, _) if self.status_endpoints == StatusEndpoints::DataPlane => self
+                    .status_page(path)
+                    .ok_or_else(|| GatewayError::NotFound(path.to_string())),
                 _ => Err(GatewayError::NotFound(path.to_string())),
             },
         };
         result.unwrap_or_else(GatewayError::into_response)
+    }
+
+    /// `GET /v1/models`: the models a healthy backend serves; with
+    /// `auth.required`, only for a valid key, and only those its consumer
+    /// may use.
+    fn models(&self, parts: &http::request::Parts) -> Result<Response<Body>, GatewayError> {
+        let consumer = super::authenticate::caller(&self.consumers, parts)?;
+        let mut models = self.fleet.load().healthy_models();
+        if let Some(consumer) = consumer {
+            models.retain(|m| consumer.allows(m));
+        }
+        Ok(json_response(&openai::model_list(&models, self.started_at)))
+    }
+
+    /// `/health`, `/load-stats` or `/metrics` in full: on the admin
+    /// listener always, on the data plane with `server.status_endpoints =
+    /// "data-plane"`. `None` for another path.
+    pub fn status_page(&self, path: &str) -> Option<Response<Body>> {
+        match path {
+            "/health" => {
+                let (status, report) = crate::fleet::health::report(&self.fleet.load());
+                let mut response = json_response(&report);
+                *response.status_mut() = status;
+                Some(response)
+            }
+            "/load-stats" => Some(json_response(&crate::fleet::stats::load_stats(
+                &self.fleet.load(),
+            ))),
+            "/metrics" => {
+                let metrics = crate::metrics::metrics();
+                for b in self.fleet.load().backends() {
+                    metrics.backend(&b.name, b.in_flight(), b.is_healthy());
+                }
+                let mut response = Response::new(Body::full(metrics.render()));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                Some(response)
+            }
+            _ => None,
+        }
     }
 
     /// What this request's policy phases run against: the live chain and

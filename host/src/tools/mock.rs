@@ -22,6 +22,11 @@ use tokio::sync::{mpsc, watch};
 
 use crate::dataplane::body::Body;
 
+/// The longest answer `sluice mock-backend --answer-tokens` may make. The
+/// answer is built in memory before it is sent (a few dozen bytes a
+/// token); 100 million tokens took 16 GB and starved the signal handler.
+pub const MAX_ANSWER_TOKENS: u32 = 100_000;
+
 /// Which server's habits to imitate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Flavor {
@@ -42,7 +47,8 @@ pub struct MockConfig {
     pub first_token_delay: Duration,
     /// Delay between tokens.
     pub token_interval: Duration,
-    /// Length of an answer when `max_tokens` does not cut it short.
+    /// Length of an answer when `max_tokens` does not cut it short (at
+    /// most [`MAX_ANSWER_TOKENS`]).
     pub answer_tokens: u32,
     /// False: never report `usage`, asked or not (as llama.cpp's server
     /// does in streams).
@@ -288,7 +294,9 @@ async fn generate(
         .as_u64()
         .or(body["max_completion_tokens"].as_u64())
         .unwrap_or(u64::from(config.answer_tokens));
-    let count = limit.min(u64::from(config.answer_tokens)) as u32;
+    let count = limit
+        .min(u64::from(config.answer_tokens))
+        .min(u64::from(MAX_ANSWER_TOKENS)) as u32;
     let finish = if u64::from(config.answer_tokens) > limit {
         "length"
     } else {

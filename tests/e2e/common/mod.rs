@@ -87,6 +87,9 @@ impl Sluice {
             ])
             .arg(dir.0.join("sluice.toml"))
             .env("RUST_LOG", "warn")
+            // The tests read /health, /load-stats and /metrics off the data
+            // port; the default (`summary`) is tested on its own in abuse.rs.
+            .env("SLUICE_STATUS_ENDPOINTS", "data-plane")
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::piped())
             .stderr(stderr)

@@ -30,7 +30,7 @@ use crate::store::{StoreError, StoreLock};
 pub use listing::{PolicyListing, ShadowReport, VersionListing};
 use storage::{load_version, seed_entries, Storage};
 pub use versions::Version;
-use versions::{valid_name, Entry};
+use versions::Entry;
 
 /// Why a deploy or admin operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -182,11 +182,7 @@ impl Deployer {
         bytes: Vec<u8>,
         request: DeployRequest,
     ) -> Result<Version, DeployError> {
-        if !valid_name(name) {
-            return Err(DeployError::Invalid(format!(
-                "`{name}` is not a valid policy name (1 to 64 of [A-Za-z0-9_.-])"
-            )));
-        }
+        crate::config::names::check_policy_name(name).map_err(DeployError::Invalid)?;
         let mut state = self.state.lock().await;
         let _store = self.lock_store(&mut state).await?;
         let existing = state.entries.iter().position(|e| e.name == name);
