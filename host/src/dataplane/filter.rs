@@ -489,7 +489,6 @@ mod relay_tests {
 
     use super::Filter;
     use crate::api::openai::Endpoint;
-    use crate::api::render::{self, ApiShape};
     use crate::config::{BackendConfig, OnError, PolicyConfig, PolicyRuntimeConfig};
     use crate::dataplane::accounting::{Accounting, Ledger};
     use crate::dataplane::forward::Answer;

@@ -14,6 +14,7 @@ use super::filter::Filter;
 use super::forward::Answer;
 use crate::api::openai::Endpoint;
 use crate::policy::{Route, Scope};
+use crate::problem::Problem as _;
 
 /// The response for `answer`, which `route` reached.
 pub async fn respond(
