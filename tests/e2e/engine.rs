@@ -144,18 +144,9 @@ async fn hanging_garbage_and_huge_metrics_cost_the_requests_nothing() {
 
     let started = Instant::now();
     let mut served = std::collections::HashMap::<String, u32>::new();
+    let url = sluice.url("/v1/chat/completions");
     for _ in 0..60 {
-        let response = client
-            .post(sluice.url("/v1/chat/completions"))
-            .json(&chat("m"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        let by = response.headers()["x-sluice-backend"]
-            .to_str()
-            .unwrap()
-            .to_string();
+        let by = chat_backend(&client, &url, "m").await;
         *served.entry(by).or_default() += 1;
     }
     assert_eq!(served.len(), 3, "every backend still serves: {served:?}");

@@ -142,15 +142,7 @@ async fn concurrent_split(sluice: &Sluice, clients: usize, each: usize) -> HashM
             tokio::spawn(async move {
                 let mut seen = Vec::new();
                 for _ in 0..each {
-                    let response = client.post(&url).json(&chat("m")).send().await.unwrap();
-                    assert_eq!(response.status(), 200);
-                    seen.push(
-                        response.headers()["x-sluice-backend"]
-                            .to_str()
-                            .unwrap()
-                            .to_string(),
-                    );
-                    response.bytes().await.unwrap();
+                    seen.push(chat_backend(&client, &url, "m").await);
                 }
                 seen
             })
