@@ -6,11 +6,15 @@ use crate::Backend;
 ///
 /// Backends that are down are left out. The first place is drawn at random
 /// among backends with spare capacity, each with probability proportional to
-/// `weight / (in_flight + 1)`: idle backends split traffic by weight, busy
-/// ones get less, and the draw never piles every request onto whichever
-/// backend looked least loaded a moment ago. The rest follow by ascending
-/// load per weight, backends at their limit last, so the host has somewhere
-/// to go when the first choice fills up in the meantime.
+/// `weight × e^-(in_flight / weight)`: its weight, discounted by its load
+/// *per unit of weight*. When equally fast backends carry load in
+/// proportion to their weights the discounts are equal, so the weights hold
+/// as the traffic split at any concurrency (a discount by plain `in_flight`
+/// would pull 3:1 towards 2:1 under load); a slower backend piles up
+/// requests and gets fewer; and the draw never piles every request onto
+/// whichever backend looked least loaded a moment ago. The rest follow by
+/// ascending load per weight, backends at their limit last, so the host has
+/// somewhere to go when the first choice fills up in the meantime.
 ///
 /// `seed` is usually the request id, which makes the order reproducible.
 ///
@@ -41,7 +45,10 @@ pub fn rank(backends: Vec<Backend>, seed: u64) -> Vec<Backend> {
     });
     let open = ranked.iter().take_while(|b| b.has_capacity()).count();
     if open > 1 {
-        let share = |b: &Backend| f64::from(b.weight.max(1)) / f64::from(b.in_flight + 1);
+        // Sorted by load: the first open backend has the least. Measuring
+        // from it keeps every exponent small (no underflow to zero).
+        let least = ranked[0].load();
+        let share = |b: &Backend| f64::from(b.weight.max(1)) * (least - b.load()).exp();
         let total: f64 = ranked[..open].iter().map(share).sum();
         let mut point = Rng::new(seed).next_f64() * total;
         let mut chosen = open - 1;
@@ -128,6 +135,55 @@ mod tests {
             .map(|b| b.name)
             .collect();
         assert_eq!(names, ["open", "full"]);
+    }
+
+    /// Closed-loop clients on equally fast backends (each request ends
+    /// after an exponential time): the split follows the weights whatever
+    /// the concurrency, and a backend four times slower gets far less.
+    fn closed_loop(weights: &[u32], speeds: &[f64], clients: usize) -> Vec<f64> {
+        let mut rng = Rng::new(99);
+        let mut fleet: Vec<Backend> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| backend(&format!("b{i}"), w, 0, 0, true))
+            .collect();
+        let mut counts = vec![0u32; fleet.len()];
+        let mut ends: Vec<(f64, usize)> = Vec::new();
+        let mut now = 0.0;
+        for n in 0..(clients + 20_000) {
+            if n >= clients {
+                let next = (0..ends.len())
+                    .min_by(|&a, &b| ends[a].0.total_cmp(&ends[b].0))
+                    .unwrap();
+                let (t, i) = ends.swap_remove(next);
+                now = t;
+                fleet[i].in_flight -= 1;
+            }
+            let first = rank(fleet.clone(), rng.next_u64())[0].name.clone();
+            let i = fleet.iter().position(|b| b.name == first).unwrap();
+            fleet[i].in_flight += 1;
+            counts[i] += 1;
+            let service = -(1.0 - rng.next_f64()).ln() / speeds[i];
+            ends.push((now + service, i));
+        }
+        let total: u32 = counts.iter().sum();
+        counts
+            .iter()
+            .map(|&c| f64::from(c) / f64::from(total))
+            .collect()
+    }
+
+    #[test]
+    fn weights_hold_under_concurrency() {
+        for clients in [1, 2, 4, 8, 16, 32] {
+            let split = closed_loop(&[3, 1], &[1.0, 1.0], clients);
+            assert!(
+                (0.71..0.79).contains(&split[0]),
+                "{clients} clients: {split:?}"
+            );
+        }
+        let slow = closed_loop(&[1, 1], &[1.0, 0.25], 8);
+        assert!(slow[1] < 0.3, "{slow:?}");
     }
 
     #[test]

@@ -25,6 +25,8 @@ fn backend(name: &str, models: &[&str]) -> BackendConfig {
         weight: 1,
         api_key: None,
         health_path: None,
+        engine: Default::default(),
+        metrics_url: None,
     }
 }
 

@@ -16,6 +16,7 @@ use sluice::dataplane::server;
 use sluice::tools::admin_client::AdminClient;
 use sluice::tools::demo;
 use sluice::tools::mock::{Flavor, MockBackend, MockConfig};
+use sluice::tools::mock_engine::{EngineModel, MetricsFlavor};
 
 #[derive(Parser)]
 #[command(
@@ -216,6 +217,22 @@ enum Command {
             value_parser = clap::value_parser!(u32).range(1..=i64::from(sluice::tools::mock::MAX_ANSWER_TOKENS))
         )]
         answer_tokens: u32,
+        /// Simulate an engine: a bounded batch with a queue, a prefix
+        /// cache, and `/metrics` with these engine's names.
+        #[arg(long, env = "SLUICE_MOCK_ENGINE")]
+        engine: Option<MetricsFlavor>,
+        /// The engine's KV cache, in blocks.
+        #[arg(long, env = "SLUICE_MOCK_KV_BLOCKS", default_value_t = 1024)]
+        kv_blocks: u32,
+        /// Tokens per KV block.
+        #[arg(long, env = "SLUICE_MOCK_BLOCK_TOKENS", default_value_t = 16)]
+        block_tokens: u32,
+        /// Prefill time per prompt token not in the cache, in microseconds.
+        #[arg(long, env = "SLUICE_MOCK_PREFILL_US_PER_TOKEN", default_value_t = 0)]
+        prefill_us_per_token: u64,
+        /// Requests decoded at once; more wait in the engine's queue.
+        #[arg(long, env = "SLUICE_MOCK_MAX_BATCH", default_value_t = 64)]
+        max_batch: u32,
     },
 }
 
@@ -430,6 +447,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             first_token_ms,
             token_interval_ms,
             answer_tokens,
+            engine,
+            kv_blocks,
+            block_tokens,
+            prefill_us_per_token,
+            max_batch,
         } => {
             let models: Vec<&str> = models.iter().map(String::as_str).collect();
             let mut config = MockConfig::new(&name, &models);
@@ -437,6 +459,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             config.first_token_delay = Duration::from_millis(first_token_ms);
             config.token_interval = Duration::from_millis(token_interval_ms);
             config.answer_tokens = answer_tokens;
+            config.engine = engine.map(|metrics| EngineModel {
+                kv_blocks,
+                block_tokens,
+                prefill_per_token: Duration::from_micros(prefill_us_per_token),
+                max_batch,
+                metrics,
+            });
             let backend = MockBackend::start(listen, config)
                 .await
                 .context("starting the mock backend")?;

@@ -63,6 +63,13 @@ pub struct WorkerOnlyLabels {
     pub worker: String,
 }
 
+/// `reason` is one of the scrape errors' fixed words.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScrapeErrorLabels {
+    pub backend: String,
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
     pub consumer: String,
@@ -70,6 +77,17 @@ pub struct RefusalLabels {
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// A backend's engine as `/metrics` shows it: the signals only while they
+/// are fresh (a stale value would look current to a dashboard).
+pub struct EngineGauges {
+    pub fresh: bool,
+    pub age_seconds: Option<f64>,
+    pub waiting: Option<u64>,
+    pub running: Option<u64>,
+    pub kv_usage: Option<f64>,
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -82,6 +100,12 @@ pub struct Metrics {
     tokens_per_second: HistogramFamily<ModelLabels>,
     in_flight: Family<BackendLabels, Gauge>,
     healthy: Family<BackendLabels, Gauge>,
+    engine_fresh: Family<BackendLabels, Gauge>,
+    engine_age: Family<BackendLabels, FloatGauge>,
+    engine_waiting: Family<BackendLabels, Gauge>,
+    engine_running: Family<BackendLabels, Gauge>,
+    engine_kv_usage: Family<BackendLabels, FloatGauge>,
+    engine_scrape_errors: Family<ScrapeErrorLabels, Counter>,
     limit_store_errors: Counter,
     kept_instances: Gauge,
     usage_sync_errors: Counter,
@@ -164,6 +188,42 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "1 when the backend is in rotation",
         healthy.clone(),
     );
+    let engine_fresh = Family::<BackendLabels, Gauge>::default();
+    registry.register(
+        "sluice_engine_signals_fresh",
+        "1 when the backend's engine metrics were read within engine_metrics.stale_after; 0: saturation unknown",
+        engine_fresh.clone(),
+    );
+    let engine_age = Family::<BackendLabels, FloatGauge>::default();
+    registry.register(
+        "sluice_engine_scrape_age_seconds",
+        "Time since the last good scrape of the backend's engine metrics",
+        engine_age.clone(),
+    );
+    let engine_waiting = Family::<BackendLabels, Gauge>::default();
+    registry.register(
+        "sluice_engine_requests_waiting",
+        "Requests queued in the backend's engine, as it reports (fresh readings only)",
+        engine_waiting.clone(),
+    );
+    let engine_running = Family::<BackendLabels, Gauge>::default();
+    registry.register(
+        "sluice_engine_requests_running",
+        "Requests in the backend's engine's running batch, as it reports (fresh readings only)",
+        engine_running.clone(),
+    );
+    let engine_kv_usage = Family::<BackendLabels, FloatGauge>::default();
+    registry.register(
+        "sluice_engine_kv_cache_usage",
+        "KV-cache usage of the backend's engine, 0..1 (fresh readings only)",
+        engine_kv_usage.clone(),
+    );
+    let engine_scrape_errors = Family::<ScrapeErrorLabels, Counter>::default();
+    registry.register(
+        "sluice_engine_scrape_errors",
+        "Failed scrapes of engine metrics by backend and reason (timeout, connect, status, too_large, read, parse, missing)",
+        engine_scrape_errors.clone(),
+    );
     let kept_instances = Gauge::default();
     registry.register(
         "sluice_policy_kept_instances",
@@ -230,6 +290,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         tokens_per_second,
         in_flight,
         healthy,
+        engine_fresh,
+        engine_age,
+        engine_waiting,
+        engine_running,
+        engine_kv_usage,
+        engine_scrape_errors,
     }
 });
 
@@ -374,6 +440,58 @@ impl Metrics {
             .get_or_create(&labels)
             .set(i64::from(in_flight));
         self.healthy.get_or_create(&labels).set(i64::from(healthy));
+    }
+
+    /// A backend's engine gauges as read now (set just before a scrape
+    /// renders); values not known now are removed, not left at their last.
+    pub fn engine(&self, backend: &str, gauges: &EngineGauges) {
+        let labels = BackendLabels {
+            backend: backend.to_string(),
+        };
+        self.engine_fresh
+            .get_or_create(&labels)
+            .set(i64::from(gauges.fresh));
+        match gauges.age_seconds {
+            Some(age) => {
+                self.engine_age.get_or_create(&labels).set(age);
+            }
+            None => {
+                self.engine_age.remove(&labels);
+            }
+        }
+        for (family, value) in [
+            (&self.engine_waiting, gauges.waiting),
+            (&self.engine_running, gauges.running),
+        ] {
+            match value.filter(|_| gauges.fresh) {
+                Some(v) => {
+                    family
+                        .get_or_create(&labels)
+                        .set(i64::try_from(v).unwrap_or(i64::MAX));
+                }
+                None => {
+                    family.remove(&labels);
+                }
+            }
+        }
+        match gauges.kv_usage.filter(|_| gauges.fresh) {
+            Some(v) => {
+                self.engine_kv_usage.get_or_create(&labels).set(v);
+            }
+            None => {
+                self.engine_kv_usage.remove(&labels);
+            }
+        }
+    }
+
+    /// A failed scrape of a backend's engine metrics.
+    pub fn engine_scrape_error(&self, backend: &str, reason: &'static str) {
+        self.engine_scrape_errors
+            .get_or_create(&ScrapeErrorLabels {
+                backend: backend.to_string(),
+                reason,
+            })
+            .inc();
     }
 
     /// The text exposition format.

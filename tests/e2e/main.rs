@@ -8,6 +8,7 @@ mod authoring;
 mod cli;
 mod consumers;
 mod deploy;
+mod engine;
 mod errors;
 mod fleet;
 mod guard;

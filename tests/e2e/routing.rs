@@ -88,6 +88,75 @@ async fn weights_set_the_split() {
     );
 }
 
+/// 8 clients at once on two equally fast backends weighted 3:1: the split
+/// stays near 75/25 (a discount by plain in-flight count gave ~66 %).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_hold_with_concurrent_clients() {
+    let pace = |name| {
+        let mut config = paced(name, &["m"], Flavor::Vllm, 0, 4);
+        config.first_token_delay = std::time::Duration::from_millis(8);
+        config
+    };
+    let vm01 = mock_with(pace("vm01")).await;
+    let vm02 = mock_with(pace("vm02")).await;
+    let sluice = Sluice::start(&format!(
+        "{}{}",
+        backend("vm01", &vm01.url(), &["m"], "weight = 3"),
+        backend("vm02", &vm02.url(), &["m"], "weight = 1")
+    ));
+    let counts = concurrent_split(&sluice, 8, 60).await;
+    let share = counts.get("vm01").copied().unwrap_or(0) as f64 / 480.0;
+    assert!(
+        (0.69..=0.81).contains(&share),
+        "3:1 weights with 8 clients gave {counts:?}"
+    );
+}
+
+/// Equal weights, but vm02 takes eight times longer per request: its
+/// requests pile up and it gets clearly less than half.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_backend_gets_less() {
+    let mut fast = paced("vm01", &["m"], Flavor::Vllm, 0, 4);
+    fast.first_token_delay = std::time::Duration::from_millis(5);
+    let mut slow = paced("vm02", &["m"], Flavor::Vllm, 0, 4);
+    slow.first_token_delay = std::time::Duration::from_millis(40);
+    let vm01 = mock_with(fast).await;
+    let vm02 = mock_with(slow).await;
+    let sluice = Sluice::start(&format!(
+        "{}{}",
+        backend("vm01", &vm01.url(), &["m"], ""),
+        backend("vm02", &vm02.url(), &["m"], "")
+    ));
+    let counts = concurrent_split(&sluice, 8, 40).await;
+    let share = counts.get("vm02").copied().unwrap_or(0) as f64 / 320.0;
+    assert!(share < 0.3, "the slow backend got {counts:?}");
+}
+
+/// `clients` tasks each sending `each` chat requests one after another;
+/// how many each backend answered.
+async fn concurrent_split(sluice: &Sluice, clients: usize, each: usize) -> HashMap<String, usize> {
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let client = client();
+            let url = sluice.url("/v1/chat/completions");
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                for _ in 0..each {
+                    seen.push(chat_backend(&client, &url, "m").await);
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut counts = HashMap::new();
+    for task in tasks {
+        for backend in task.await.unwrap() {
+            *counts.entry(backend).or_default() += 1;
+        }
+    }
+    counts
+}
+
 /// Under concurrent load the router prefers the less busy backend, and the
 /// host never lets a backend past its `max_concurrent_requests`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

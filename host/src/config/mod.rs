@@ -4,9 +4,11 @@
 //! line and key); [`Config::validate`] then checks what types cannot say,
 //! again naming the key, so an operator never has to guess which line is bad.
 
+mod engine;
 pub mod names;
 mod url;
 
+pub use engine::{EngineKind, EngineMetricsConfig, EngineNamesConfig, MetricNames};
 pub use url::BackendUrl;
 
 use std::collections::HashSet;
@@ -58,6 +60,8 @@ pub struct Config {
     pub health_check: HealthCheckConfig,
     #[serde(default)]
     pub ejection: EjectionConfig,
+    #[serde(default)]
+    pub engine_metrics: EngineMetricsConfig,
     #[serde(default)]
     pub retry: RetryConfig,
     #[serde(default)]
@@ -568,6 +572,14 @@ pub struct BackendConfig {
     /// Path probed by health checks instead of `health_check.path`.
     #[serde(default)]
     pub health_path: Option<String>,
+    /// The inference engine behind `url`, whose own metrics (queue, batch,
+    /// KV cache) are scraped off the request path; `none`: not scraped.
+    #[serde(default)]
+    pub engine: EngineKind,
+    /// Where the engine's metrics are: a URL, or a path joined to `url`.
+    /// Default: the engine's usual path (`/metrics`; `/api/ps` for Ollama).
+    #[serde(default)]
+    pub metrics_url: Option<String>,
 }
 
 fn one() -> u32 {
@@ -608,6 +620,8 @@ impl ServersSection {
                 weight: 1,
                 api_key: None,
                 health_path: None,
+                engine: EngineKind::None,
+                metrics_url: None,
             });
         }
         Ok(backends)
@@ -767,7 +781,9 @@ impl Config {
             if b.weight == 0 {
                 return Err(invalid(key("weight"), "must be at least 1"));
             }
+            engine::validate_backend(i, b.engine, b.metrics_url.as_deref())?;
         }
+        self.engine_metrics.validate()?;
         self.validate_consumers()?;
         self.validate_usage()?;
         self.validate_workers()?;
@@ -972,6 +988,7 @@ impl Config {
         HealthRules {
             check: self.health_check.clone(),
             ejection: self.ejection.clone(),
+            engine: self.engine_metrics.clone(),
         }
     }
 
@@ -1066,12 +1083,13 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{text}` is too large"))
 }
 
-/// The health and ejection rules every backend follows; swapped whole by
-/// a config reload.
+/// The health and ejection rules every backend follows, and how engines
+/// are scraped; swapped whole by a config reload.
 #[derive(Debug, Clone, Default)]
 pub struct HealthRules {
     pub check: HealthCheckConfig,
     pub ejection: EjectionConfig,
+    pub engine: EngineMetricsConfig,
 }
 
 #[cfg(test)]
@@ -1233,6 +1251,67 @@ servers = [{{ url = \"http://10.0.0.2:8000\" }}]"
         .unwrap();
         c.validate().unwrap();
         assert_eq!(c.usage.sync_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn engine_keys_are_checked() {
+        let backend = |extra: &str| {
+            format!("[[backends]]\nname = \"e\"\nurl = \"http://127.0.0.1:9002\"\nmodels = [\"m\"]\n{extra}")
+        };
+        for (extra, key) in [
+            (
+                backend("engine = \"vllm\"\nmetrics_url = \"ftp://x\""),
+                "backends[1].metrics_url",
+            ),
+            (
+                backend("metrics_url = \"/metrics\""),
+                "backends[1].metrics_url",
+            ),
+            (backend("engine = \"triton\""), "engine"),
+            (
+                "[engine_metrics]\ninterval = \"1ms\"".into(),
+                "engine_metrics.interval",
+            ),
+            (
+                "[engine_metrics]\ntimeout = \"0s\"".into(),
+                "engine_metrics.timeout",
+            ),
+            (
+                "[engine_metrics]\nmax_bytes = 10".into(),
+                "engine_metrics.max_bytes",
+            ),
+            (
+                "[engine_metrics]\nstale_after = \"100ms\"".into(),
+                "engine_metrics.stale_after",
+            ),
+            (
+                "[engine_metrics.names.vllm]\nwaiting = \"bad name\"".into(),
+                "engine_metrics.names.vllm.waiting",
+            ),
+            (
+                "[engine_metrics.names.ollama]\nwaiting = \"x\"".into(),
+                "ollama",
+            ),
+            ("[engine_metrics.names.tgi]\nqueue = \"x\"".into(), "queue"),
+        ] {
+            let e = error_of(&extra);
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+        let c = Config::parse(&format!(
+            "{MINIMAL}\n{}\n[engine_metrics]\ninterval = \"100ms\"\n[engine_metrics.names.sglang]\nkv_usage = \"sglang:kv_used\"",
+            backend("engine = \"sglang\"")
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.backends[0].engine, EngineKind::None);
+        assert_eq!(c.backends[1].engine, EngineKind::Sglang);
+        let rules = c.health_rules();
+        assert_eq!(rules.engine.stale_after(), Duration::from_millis(400));
+        assert_eq!(rules.engine.timeout, Duration::from_secs(1));
+        assert_eq!(
+            rules.engine.names.sglang.kv_usage.as_deref(),
+            Some("sglang:kv_used")
+        );
     }
 
     #[test]

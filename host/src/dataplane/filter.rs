@@ -538,6 +538,8 @@ mod relay_tests {
                 weight: 1,
                 api_key: None,
                 health_path: None,
+                engine: Default::default(),
+                metrics_url: None,
             }])
             .unwrap(),
         );

@@ -204,6 +204,9 @@ impl Gateway {
                 let metrics = crate::metrics::metrics();
                 for b in self.fleet.load().backends() {
                     metrics.backend(&b.name, b.in_flight(), b.is_healthy());
+                    if let Some(view) = b.engine_view() {
+                        metrics.engine(&b.name, &view.gauges());
+                    }
                 }
                 let mut response = Response::new(Body::full(metrics.render()));
                 response.headers_mut().insert(

@@ -13,6 +13,7 @@ use http::HeaderValue;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::BackendConfig;
+use crate::fleet::engine::{EngineProbe, EngineSlot, EngineView};
 use crate::fleet::stats::Stats;
 
 pub use crate::config::{BackendUrl, HealthRules};
@@ -67,6 +68,8 @@ pub struct Backend {
     /// Set when a reload removed the backend; its health checker stops.
     retired: AtomicBool,
     clock: Instant,
+    /// The inference engine's own metrics, as last scraped.
+    pub engine: EngineSlot,
 }
 
 impl Backend {
@@ -86,9 +89,11 @@ impl Backend {
             .health_path
             .clone()
             .unwrap_or_else(|| rules.load().check.path.clone());
+        let url = BackendUrl::parse(&config.url)?;
+        let engine = EngineSlot::new(EngineProbe::from_config(config, &url)?);
         Ok(Backend {
             name: config.name.as_str().into(),
-            url: BackendUrl::parse(&config.url)?,
+            url,
             authorization,
             health_path,
             discovers_models: config.models.is_empty(),
@@ -110,12 +115,19 @@ impl Backend {
             errors: Mutex::new(VecDeque::new()),
             retired: AtomicBool::new(false),
             clock,
+            engine,
         })
     }
 
     /// Whether a reload may keep this backend (and its live state) for
-    /// `config`: same address, credentials and probe path.
+    /// `config`: same address, credentials, probe path and engine metrics.
     pub fn same_server(&self, config: &BackendConfig) -> bool {
+        let engine = EngineProbe::from_config(config, &self.url).ok().flatten();
+        let same_engine = match (engine, self.engine.probe()) {
+            (None, None) => true,
+            (Some(new), Some(old)) => new.kind == old.kind && new.uri == old.uri,
+            _ => false,
+        };
         let path = config
             .health_path
             .clone()
@@ -129,6 +141,7 @@ impl Backend {
                     .as_deref()
             && path == self.health_path
             && self.discovers_models == config.models.is_empty()
+            && same_engine
     }
 
     /// Applies a reload's limit, weight and models to the live backend.
@@ -184,6 +197,13 @@ impl Backend {
 
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// What the backend's engine last reported and how old that is; `None`
+    /// when no engine is configured.
+    pub fn engine_view(&self) -> Option<EngineView> {
+        let stale_after = self.rules.load().engine.stale_after();
+        self.engine.view(stale_after, Instant::now())
     }
 
     /// Moving average of time to response headers; 0 before the first answer.
@@ -481,6 +501,8 @@ mod tests {
             weight: 1,
             api_key: None,
             health_path: None,
+            engine: Default::default(),
+            metrics_url: None,
         }
     }
 

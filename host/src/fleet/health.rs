@@ -15,6 +15,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 
 use crate::fleet::backends::{Backend, HealthRules};
+use crate::fleet::engine::scrape::Scraper;
 use crate::fleet::{Fleet, LiveFleet};
 use crate::text::error_chain;
 
@@ -30,6 +31,7 @@ const MIN_PAUSE: Duration = Duration::from_millis(10);
 pub struct Checker {
     client: Client<HttpConnector, Empty<Bytes>>,
     fleet: Arc<LiveFleet>,
+    scraper: Scraper,
 }
 
 impl Checker {
@@ -39,7 +41,11 @@ impl Checker {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        Checker { client, fleet }
+        Checker {
+            client,
+            fleet,
+            scraper: Scraper::default(),
+        }
     }
 
     /// Checks every backend once (so discovered models exist before the
@@ -53,8 +59,10 @@ impl Checker {
         }
     }
 
-    /// Starts the task that probes `backend` until a reload retires it.
+    /// Starts the task that probes `backend` until a reload retires it,
+    /// and the one scraping its engine's metrics if it has an engine.
     pub fn watch(&self, backend: Arc<Backend>) {
+        self.scraper.watch(backend.clone(), self.fleet.clone());
         let checker = self.clone();
         tokio::spawn(async move {
             loop {
@@ -204,6 +212,7 @@ pub fn report(fleet: &Fleet) -> (StatusCode, Value) {
                 "last_error": b.last_error(),
                 "recent_errors": b.recent_errors(),
                 "last_check": b.last_check_unix_ms(),
+                "engine": b.engine_view().map(|e| e.to_json()),
             })
         })
         .collect();

@@ -7,6 +7,7 @@
 //! flight, queues and health carry over.
 
 pub mod backends;
+pub mod engine;
 pub mod health;
 pub mod prefix;
 pub mod stats;
@@ -91,6 +92,13 @@ impl Fleet {
             .filter(|m| self.serving(m).iter().any(|b| b.is_healthy()))
             .cloned()
             .collect()
+    }
+
+    /// What a backend's inference engine reports (queue, batch, KV cache,
+    /// LoRA adapters) and how fresh it is; `None` for an unknown backend or
+    /// one without an `engine`. Cheap: one atomic load.
+    pub fn engine(&self, backend: &str) -> Option<engine::EngineView> {
+        self.get(backend)?.engine_view()
     }
 
     /// The counters of a model the fleet serves.
@@ -231,6 +239,8 @@ mod tests {
             weight: 1,
             api_key: None,
             health_path: None,
+            engine: Default::default(),
+            metrics_url: None,
         }
     }
 

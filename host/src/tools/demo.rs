@@ -43,6 +43,8 @@ pub async fn run(
         weight: 1,
         api_key: None,
         health_path: None,
+        engine: Default::default(),
+        metrics_url: None,
     };
     let mut config = Config {
         backends: vec![

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::dataplane::body::Body;
+use crate::tools::mock_engine::{prompt_words, Engine, EngineModel, MetricsAnswer};
 
 /// The longest answer `sluice mock-backend --answer-tokens` may make. The
 /// answer is built in memory before it is sent (a few dozen bytes a
@@ -53,6 +54,9 @@ pub struct MockConfig {
     /// False: never report `usage`, asked or not (as llama.cpp's server
     /// does in streams).
     pub reports_usage: bool,
+    /// A simulated engine (batch, queue, prefix cache, `/metrics`); `None`:
+    /// every request is served at once, and there is no `/metrics`.
+    pub engine: Option<EngineModel>,
 }
 
 impl MockConfig {
@@ -65,6 +69,7 @@ impl MockConfig {
             token_interval: Duration::ZERO,
             answer_tokens: 16,
             reports_usage: true,
+            engine: None,
         }
     }
 }
@@ -94,6 +99,8 @@ impl MockStats {
 pub struct MockBackend {
     pub addr: SocketAddr,
     pub stats: Arc<MockStats>,
+    /// The simulated engine, when configured.
+    pub engine: Option<Arc<Engine>>,
     stop: watch::Sender<bool>,
 }
 
@@ -104,13 +111,23 @@ impl MockBackend {
         let addr = listener.local_addr()?;
         let stats = Arc::new(MockStats::default());
         let (stop, stopped) = watch::channel(false);
+        let engine = config
+            .engine
+            .clone()
+            .map(|model| Engine::new(model, config.models.first().map_or("", String::as_str)));
         let shared = Arc::new(Shared {
             config,
             stats: stats.clone(),
             ids: AtomicU64::new(1),
+            engine: engine.clone(),
         });
         tokio::spawn(accept_loop(listener, shared, stopped));
-        Ok(MockBackend { addr, stats, stop })
+        Ok(MockBackend {
+            addr,
+            stats,
+            engine,
+            stop,
+        })
     }
 
     pub fn url(&self) -> String {
@@ -133,6 +150,7 @@ struct Shared {
     config: MockConfig,
     stats: Arc<MockStats>,
     ids: AtomicU64,
+    engine: Option<Arc<Engine>>,
 }
 
 async fn accept_loop(
@@ -201,6 +219,19 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
             .map(|m| json!({"id": m, "object": "model", "created": now(), "owned_by": owner}))
             .collect();
         return json_response(StatusCode::OK, &json!({"object": "list", "data": data}));
+    }
+    if let (&Method::GET, "/metrics", Some(engine)) =
+        (request.method(), path.as_str(), &shared.engine)
+    {
+        let mut response = match engine.metrics().await {
+            MetricsAnswer::Text(text) => Response::new(Body::full(text)),
+            MetricsAnswer::Stream(rx) => Response::new(Body::Channel(rx)),
+        };
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        return response;
     }
     if request.method() != Method::POST {
         return error(&shared, StatusCode::NOT_FOUND, "Not Found");
@@ -314,8 +345,16 @@ async fn generate(
         shared.ids.fetch_add(1, Ordering::Relaxed)
     );
     let stream = body["stream"].as_bool().unwrap_or(false);
+    let words: Vec<String> = match &shared.engine {
+        Some(_) => prompt_words(body).into_iter().map(str::to_string).collect(),
+        None => Vec::new(),
+    };
     if !stream {
-        tokio::time::sleep(config.first_token_delay + config.token_interval * count).await;
+        let seat = admit(&shared, &words, count).await;
+        let prefill = seat.as_ref().map_or(Duration::ZERO, |s| s.prefill);
+        tokio::time::sleep(config.first_token_delay + prefill + config.token_interval * count)
+            .await;
+        drop(seat);
         let text: String = tokens.concat();
         let choice = if chat {
             json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish})
@@ -360,7 +399,9 @@ async fn generate(
             }
             sse(&c)
         };
-        tokio::time::sleep(config.first_token_delay).await;
+        let _seat = admit(&shared, &words, count).await;
+        let prefill = _seat.as_ref().map_or(Duration::ZERO, |s| s.prefill);
+        tokio::time::sleep(config.first_token_delay + prefill).await;
         if config.flavor == Flavor::Vllm
             && chat
             && tx
@@ -417,6 +458,18 @@ async fn generate(
         header::HeaderValue::from_static("no-cache"),
     );
     response
+}
+
+/// A place in the simulated engine's batch (waiting for one in its
+/// queue); `None` without an engine.
+async fn admit(
+    shared: &Shared,
+    words: &[String],
+    answer_tokens: u32,
+) -> Option<crate::tools::mock_engine::Seat> {
+    let engine = shared.engine.as_ref()?;
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    engine.admit(&words, answer_tokens).await
 }
 
 fn split_events(bytes: &[u8]) -> Vec<Bytes> {

@@ -6,5 +6,6 @@
 pub mod admin_client;
 pub mod demo;
 pub mod mock;
+pub mod mock_engine;
 pub mod replay;
 pub mod scaffold;

@@ -97,6 +97,8 @@ pub fn fleet(path: Option<&Path>, models: &[String]) -> anyhow::Result<FrozenFle
                 weight: 1,
                 api_key: None,
                 health_path: None,
+                engine: Default::default(),
+                metrics_url: None,
             }],
             state: BTreeMap::new(),
         },

@@ -330,6 +330,19 @@ pub fn content(events: &[String]) -> String {
         .collect()
 }
 
+/// POSTs one chat request for `model` to `url`, expects 200, reads the
+/// answer, and returns the backend that served it (`x-sluice-backend`).
+pub async fn chat_backend(client: &reqwest::Client, url: &str, model: &str) -> String {
+    let response = client.post(url).json(&chat(model)).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let backend = response.headers()["x-sluice-backend"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    response.bytes().await.unwrap();
+    backend
+}
+
 /// GETs `url` and reads the answer as JSON.
 pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
     client.get(url).send().await.unwrap().json().await.unwrap()
