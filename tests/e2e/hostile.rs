@@ -277,7 +277,7 @@ async fn names_outside_the_pattern_are_refused_everywhere() {
     let addr = admin.trim_start_matches("http://").trim_end_matches('/');
     let put = raw_status(
         addr,
-        format!("PUT /admin/policies/.. HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\nconnection: close\r\n\r\nwasm"),
+        "PUT /admin/policies/.. HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\nconnection: close\r\n\r\nwasm".to_string(),
     )
     .await;
     assert!(put.contains(" 422 ") || put.contains(" 400 "), "{put}");

@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use crate::api::bearer::{self, Presented};
 use crate::config::names::check_consumer_name;
 use crate::config::{ConsumerConfig, ConsumerLimits};
-use crate::store::{sha256_hex, Document, Store};
 use crate::problem::Problem;
+use crate::store::{sha256_hex, Document, Store};
 
 /// Prefix of keys Sluice makes, so a leaked one is recognisable.
 const KEY_PREFIX: &str = "sk-sluice-";

@@ -29,8 +29,8 @@ use crate::policy::{self, Chain, ChainEntry, LoadedPolicy, PolicySpec, Runtime, 
 use crate::store::{StoreError, StoreLock};
 pub use listing::{PolicyListing, ShadowReport, VersionListing};
 use storage::{load_version, seed_entries, Storage};
-pub use versions::Version;
 use versions::Entry;
+pub use versions::Version;
 
 /// Why a deploy or admin operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -267,8 +267,6 @@ impl Deployer {
         tracing::info!(policy = name, version = version.version, sha256 = %version.sha256, shadow = request.shadow, "policy deployed");
         Ok(version)
     }
-
-    /// Undoes the last change to `name`: the version that served before
 
     /// Undoes the last change to `name`: the version that served before
     /// the active one became active serves again. A second rollback walks

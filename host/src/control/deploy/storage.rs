@@ -15,6 +15,10 @@ use crate::deploy_history::{History, How};
 use crate::policy::{self, LoadedPolicy, PolicySpec, Runtime};
 use crate::store::{sha256_hex, Document, Modules, Store, StoreError, StoreLock};
 
+/// A chain another replica saved: its bytes (for [`Storage::mark_seen`]) and
+/// its entries.
+pub(super) type SavedChain = (Vec<u8>, Vec<Entry>);
+
 pub(super) struct Storage {
     store: Store,
     chain: Document,
@@ -50,7 +54,7 @@ impl Storage {
 
     /// The chain another replica saved since this one last wrote or took
     /// one in, with its bytes for [`Storage::mark_seen`].
-    pub fn changed(&self) -> Result<Option<(Vec<u8>, Vec<Entry>)>, StoreError> {
+    pub fn changed(&self) -> Result<Option<SavedChain>, StoreError> {
         let Some(bytes) = self.chain.changed()? else {
             return Ok(None);
         };

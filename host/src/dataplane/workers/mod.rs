@@ -33,9 +33,9 @@ use crate::dataplane::errors::GatewayError;
 use crate::deploy_history::How;
 use crate::problem::Problem;
 use crate::store::{sha256_hex, StoreError, StoreLock};
-use book::Book;
 pub use crate::wasm::worker::Kind;
 use crate::wasm::worker::{parse_allowed_host, Bounds, HandleError, Handler, Sandbox};
+use book::Book;
 use shelf::{Books, Shelf};
 
 /// One version of one worker, mounted on its route.
