@@ -48,6 +48,8 @@ fn backend(name: &str) -> BackendConfig {
         weight: 1,
         api_key: None,
         health_path: None,
+        engine: Default::default(),
+        metrics_url: None,
     }
 }
 

@@ -64,6 +64,8 @@ fn world() -> &'static World {
                 weight: 1,
                 api_key: None,
                 health_path: None,
+                engine: Default::default(),
+                metrics_url: None,
             }])
             .unwrap(),
         );
