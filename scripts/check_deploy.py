@@ -703,6 +703,9 @@ def smoke_serve(binary: Path) -> None:
         "health_check": {"interval": "200ms", "timeout": "200ms", "unhealthy_after": 1},
     }
     values["shutdown"] = {"timeoutSeconds": 5, "unreadyDelaySeconds": 1, "preStopSleepSeconds": 5}
+    # With a ServiceMonitor, as the /metrics check below assumes: the chart
+    # then has the pod serve /metrics on the data port.
+    values["serviceMonitor"] = {"enabled": True}
     objs = objects_of(render(values))
     text = rendered_toml(objs)
     dep = next(o for o in objs if o["kind"] == "Deployment")
@@ -710,7 +713,9 @@ def smoke_serve(binary: Path) -> None:
     live_cmd = c["livenessProbe"]["exec"]["command"]
     ready_path = c["readinessProbe"]["httpGet"]["path"]
     procs: list[subprocess.Popen] = []
-    env = {**os.environ, "RUST_LOG": "warn", "SLUICE_LOG_FORMAT": "text"}
+    # The pod's own environment (plain values), then quieter logs.
+    pod_env = {e["name"]: str(e["value"]) for e in c.get("env", []) if "value" in e}
+    env = {**os.environ, **pod_env, "RUST_LOG": "warn", "SLUICE_LOG_FORMAT": "text"}
     with tempfile.TemporaryDirectory() as d:
         token = "smoke-token-0123456789"
         (Path(d) / "secrets").mkdir()
