@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{de_bytes, de_duration, de_opt_duration, invalid, ConfigError};
+use super::units::{de_bytes, de_duration, de_opt_duration};
+use super::{invalid, ConfigError};
 
 /// The server software behind a backend; it decides where its metrics are
 /// and what they are called.
@@ -198,7 +199,7 @@ pub(super) fn validate_backend(
         ));
     }
     if url.starts_with('/') {
-        return super::check_path(url).map_err(|m| invalid(key, m));
+        return super::units::check_path(url).map_err(|m| invalid(key, m));
     }
     super::BackendUrl::parse(url)
         .map(|_| ())
