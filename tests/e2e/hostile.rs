@@ -468,3 +468,96 @@ async fn a_stream_answered_with_html_becomes_an_api_error() {
         "{message}"
     );
 }
+
+/// One chunk of a chunked HTTP/1.1 body.
+fn http_chunk(data: &str) -> String {
+    format!("{:x}\r\n{data}\r\n", data.len())
+}
+
+/// One streamed chat delta as an SSE event.
+fn delta_event(text: &str) -> String {
+    let chunk = json!({"id": "x", "object": "chat.completion.chunk", "model": "m",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]});
+    format!("data: {chunk}\n\n")
+}
+
+const SSE_HEAD: &str =
+    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+
+/// Decided: once an answer has begun, a backend that sends nothing for
+/// `server.backend_idle_timeout` is cut off — a stream ends with an error
+/// event, a plain answer breaks off — while one that keeps sending, however
+/// slowly, within the bound is relayed whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_silent_mid_answer_is_cut_off_after_the_idle_timeout() {
+    // One chunk, then silence for far longer than the test waits.
+    let stalls = fake(|mut stream, model, _stats| async move {
+        if model == "plain" {
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"id\":";
+            send(&mut stream, head).await;
+        } else {
+            send(&mut stream, format!("{SSE_HEAD}{}", http_chunk(&delta_event("hel")))).await;
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    })
+    .await;
+    // Eight chunks 300 ms apart: 2.4 s in all, never 1 s of silence.
+    let drips = fake(|mut stream, _model, _stats| async move {
+        send(&mut stream, SSE_HEAD).await;
+        for i in 0..8 {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            if !send(&mut stream, http_chunk(&delta_event(&format!("t{i} ")))).await {
+                return;
+            }
+        }
+        send(&mut stream, http_chunk("data: [DONE]\n\n") + "0\r\n\r\n").await;
+    })
+    .await;
+    let sluice = Sluice::start(&format!(
+        "[server]\nbackend_idle_timeout = \"1s\"\n[health_check]\nenabled = false\n{}{}",
+        backend("stalls", &stalls.url(), &["stalled", "plain"], ""),
+        backend("drips", &drips.url(), &["dripped"], "")
+    ));
+    let client = client();
+
+    let started = Instant::now();
+    let response = sluice.post_chat(&client, &stream_chat("stalled")).await;
+    assert_eq!(response.status(), 200);
+    let text = tokio::time::timeout(Duration::from_secs(15), response.text())
+        .await
+        .expect("the stream was not cut off")
+        .unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(8), "cut off after {took:?}");
+    assert!(
+        text.contains("\"hel\""),
+        "the first chunk is relayed: {text}"
+    );
+    assert!(
+        text.contains("sent nothing for 1s"),
+        "an error event names the silence: {text}"
+    );
+
+    let started = Instant::now();
+    let response = sluice.post_chat(&client, &chat("plain")).await;
+    assert_eq!(response.status(), 200);
+    let read = tokio::time::timeout(Duration::from_secs(15), response.bytes())
+        .await
+        .expect("the plain answer was not cut off");
+    assert!(read.is_err(), "a body 990 bytes short cannot read whole");
+    assert!(started.elapsed() < Duration::from_secs(8));
+
+    let response = sluice.post_chat(&client, &stream_chat("dripped")).await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    for i in 0..8 {
+        assert!(
+            text.contains(&format!("t{i} ")),
+            "chunk {i} missing: {text}"
+        );
+    }
+    assert!(!text.contains("sent nothing"), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+}

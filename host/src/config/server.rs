@@ -36,6 +36,14 @@ pub struct ServerConfig {
     /// headers arrive (prefill of a long prompt happens in this window).
     #[serde(deserialize_with = "de_duration")]
     pub response_timeout: Duration,
+    /// Once a backend's answer has begun, the longest it may send nothing
+    /// (a hung engine, or one dripping bytes to hold the connection); past
+    /// it a stream ends with an error event and a plain answer breaks off.
+    /// Engines send a chunk per token, so silences are normally
+    /// milliseconds; a long prefill happens before the first byte, under
+    /// `response_timeout`.
+    #[serde(deserialize_with = "de_duration")]
+    pub backend_idle_timeout: Duration,
     /// On shutdown, how long in-flight requests and streams may take to end.
     #[serde(deserialize_with = "de_duration")]
     pub shutdown_timeout: Duration,
@@ -103,6 +111,7 @@ impl Default for ServerConfig {
             body_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(3),
             response_timeout: Duration::from_secs(120),
+            backend_idle_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(30),
             unready_delay: Duration::from_secs(1),
             max_queue: 1024,
@@ -123,6 +132,7 @@ impl ServerConfig {
         for (key, value) in [
             ("server.header_timeout", self.header_timeout),
             ("server.body_timeout", self.body_timeout),
+            ("server.backend_idle_timeout", self.backend_idle_timeout),
         ] {
             if value.is_zero() {
                 return Err(invalid(key, "must be greater than 0"));

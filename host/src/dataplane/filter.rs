@@ -19,6 +19,7 @@ use crate::api::openai::Endpoint;
 use crate::api::render::{self, ApiShape};
 use crate::api::sse;
 use crate::dataplane::accounting::Accounting;
+use crate::dataplane::body::idle::BackendBody;
 use crate::dataplane::body::Body;
 use crate::dataplane::errors::GatewayError;
 use crate::dataplane::forward::Answer;
@@ -89,7 +90,7 @@ impl Filter {
     async fn pump(
         &self,
         first: Option<Bytes>,
-        mut incoming: hyper::body::Incoming,
+        mut incoming: BackendBody,
         tx: mpsc::Sender<Bytes>,
         acct: Accounting,
     ) {
@@ -580,7 +581,7 @@ mod relay_tests {
             model: "m".into(),
             parts,
             first,
-            incoming,
+            incoming: super::BackendBody::new(incoming, std::time::Duration::from_secs(60)),
         };
         let filter = Filter {
             holdback: chain.response_holdback(),

@@ -14,7 +14,6 @@ use http::header::{self, HeaderName};
 use http::response::Parts;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -22,6 +21,7 @@ use hyper_util::rt::TokioExecutor;
 use crate::api::openai;
 use crate::api::CREDENTIAL_HEADERS;
 use crate::config::{RetryConfig, ServerConfig};
+use crate::dataplane::body::idle::BackendBody;
 use crate::dataplane::errors::GatewayError;
 use crate::fleet::backends::{Backend, ModelLoad, Slot};
 use crate::fleet::stats::Waiting;
@@ -61,7 +61,8 @@ pub struct Answer {
     /// The first frame of the body, read before answering the client;
     /// `None` when the body was empty.
     pub first: Option<Bytes>,
-    pub incoming: Incoming,
+    /// The rest of the body, bounded in its silences.
+    pub incoming: BackendBody,
     pub slot: Slot,
 }
 
@@ -89,6 +90,8 @@ enum Attempt {
 pub struct Upstream {
     client: Client<HttpConnector, Full<Bytes>>,
     response_timeout: Duration,
+    /// Longest silence inside an answer once it has begun.
+    idle_timeout: Duration,
     /// Requests waiting for a slot right now, and the bounds on that queue.
     waiting: AtomicUsize,
     max_queue: usize,
@@ -108,6 +111,7 @@ impl Upstream {
         Upstream {
             client,
             response_timeout: server.response_timeout,
+            idle_timeout: server.backend_idle_timeout,
             waiting: AtomicUsize::new(0),
             max_queue: server.max_queue,
             queue_timeout: server.queue_timeout,
@@ -380,7 +384,7 @@ impl Upstream {
             model: target.model.clone(),
             parts,
             first,
-            incoming,
+            incoming: BackendBody::new(incoming, self.idle_timeout),
             slot,
         };
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {

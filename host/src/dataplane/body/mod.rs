@@ -2,6 +2,7 @@
 //! by piece, or a backend's body streamed through frame by frame (never
 //! buffered whole) holding the backend's concurrency slot until its last byte.
 
+pub mod idle;
 pub mod relay;
 
 use std::pin::Pin;
@@ -10,10 +11,10 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use http_body::{Frame, SizeHint};
-use hyper::body::Incoming;
 
 use crate::api::render::{self, ApiShape};
 use crate::dataplane::accounting::Accounting;
+use crate::dataplane::body::idle::{BackendBody, BodyError};
 use crate::fleet::backends::Slot;
 use crate::problem::Problem;
 
@@ -59,7 +60,7 @@ pub enum Body {
     Backend {
         /// The first frame, read before the client was answered.
         first: Option<Bytes>,
-        inner: Incoming,
+        inner: BackendBody,
         /// Released when the stream ends or the client goes away.
         slot: Option<Slot>,
         /// Sees the bytes as they pass, for the request's accounting.
@@ -76,7 +77,7 @@ impl Body {
         Body::full(serde_json::to_vec(value).unwrap_or_default())
     }
 
-    pub fn backend(first: Option<Bytes>, inner: Incoming, slot: Slot, acct: Accounting) -> Body {
+    pub fn backend(first: Option<Bytes>, inner: BackendBody, slot: Slot, acct: Accounting) -> Body {
         Body::Backend {
             first,
             inner,
@@ -105,12 +106,12 @@ impl Body {
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Body::Channel(rx) => rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))),

@@ -13,10 +13,10 @@ use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body as _, Frame};
-use hyper::body::Incoming;
 
 use crate::api::sse;
 use crate::dataplane::accounting::Accounting;
+use crate::dataplane::body::idle::{BackendBody, BodyError};
 use crate::fleet::backends::Slot;
 
 pub struct Relay {
@@ -24,7 +24,7 @@ pub struct Relay {
     first: Option<Bytes>,
     /// The backend's body and its concurrency slot, dropped as soon as the
     /// stream ends so the slot is free before the client reads the tail.
-    backend: Option<(Incoming, Slot)>,
+    backend: Option<(BackendBody, Slot)>,
     parser: sse::Parser,
     /// Finished (and so recorded) when the stream ends.
     acct: Option<Accounting>,
@@ -37,7 +37,7 @@ pub struct Relay {
 impl Relay {
     pub fn new(
         first: Option<Bytes>,
-        incoming: Incoming,
+        incoming: BackendBody,
         slot: Slot,
         acct: Accounting,
         strip_usage: bool,
@@ -104,7 +104,7 @@ impl Relay {
     fn poll_backend(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.backend.as_mut() {
             Some((incoming, _)) => Pin::new(incoming).poll_frame(cx),
             None => Poll::Ready(None),
