@@ -29,7 +29,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 seconds="${FUZZ_SECONDS:-20}"
-targets="${FUZZ_TARGETS:-request_body sse_parser config stream_filter decision}"
+targets="${FUZZ_TARGETS:-request_body sse_parser config stream_filter decision engine_metrics}"
 jobs="${FUZZ_JOBS:-1}"
 
 # The host's build script compiles the guests for both wasm targets.

@@ -105,7 +105,10 @@ pub fn from_prometheus(text: &str, names: &NameSet) -> Result<EngineSignals, Scr
         })
     };
     let count = |candidates: &[String]| {
-        series(candidates).map(|s| s.iter().map(|s| s.value.round() as u64).sum::<u64>())
+        series(candidates).map(|s| {
+            s.iter()
+                .fold(0u64, |sum, s| sum.saturating_add(s.value.round() as u64))
+        })
     };
     let signals = EngineSignals {
         waiting: count(&names.waiting),
