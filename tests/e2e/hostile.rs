@@ -11,7 +11,7 @@ use futures_util::future::join_all;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
-use crate::abuse::{fake, rss_kib, send};
+use crate::common::fake_backend::{fake, send};
 use crate::common::*;
 
 /// The `sluice::access` lines of a log.

@@ -1,5 +1,8 @@
 //! Shared helpers: start the binary with a config, start mock backends,
-//! and check OpenAI-shaped errors.
+//! and check OpenAI-shaped errors. Raw-TCP fakes for backends that
+//! misbehave are in [`fake_backend`].
+
+pub mod fake_backend;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -348,7 +351,6 @@ pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value 
     client.get(url).send().await.unwrap().json().await.unwrap()
 }
 
-/// GETs `url` and reads the answer as text.
 /// The value of an unlabelled metric in Prometheus' text exposition.
 pub fn metric(metrics: &str, name: &str) -> Option<f64> {
     metrics.lines().find_map(|line| {
@@ -360,6 +362,17 @@ pub fn metric(metrics: &str, name: &str) -> Option<f64> {
     })
 }
 
+/// GETs `url` and reads the answer as text.
 pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
     client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
