@@ -1132,16 +1132,7 @@ fn the_admin_listener_needs_a_token_off_loopback() {
         "sluice.toml",
         backend("vm01", "http://127.0.0.1:9", &["m"], ""),
     );
-    let out = std::process::Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "0.0.0.0:0",
-            "--config",
-        ])
-        .arg(&config)
+    let out = serve_command(&config, "0.0.0.0:0")
         .env_remove("SLUICE_ADMIN_TOKEN")
         .output()
         .expect("running sluice");

@@ -201,16 +201,7 @@ async fn the_admin_api_takes_bearer_in_any_case() {
 fn refused_serve(config: &str, admin_listen: &str, env: &[(&str, &str)]) -> String {
     let dir = TempDir::new();
     let path = dir.write("sluice.toml", config);
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            admin_listen,
-            "--config",
-        ])
-        .arg(&path)
+    let mut child = serve_command(&path, admin_listen)
         .env_remove("SLUICE_ADMIN_TOKEN")
         .envs(env.iter().copied())
         .stdout(Stdio::null())

@@ -79,16 +79,7 @@ impl Sluice {
             .append(true)
             .open(dir.0.join("stderr.log"))
             .unwrap();
-        let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--config",
-            ])
-            .arg(dir.0.join("sluice.toml"))
+        let mut child = serve_command(&dir.0.join("sluice.toml"), "127.0.0.1:0")
             .env("RUST_LOG", "warn")
             // The tests read /health, /load-stats and /metrics off the data
             // port; the default (`summary`) is tested on its own in abuse.rs.
@@ -196,6 +187,18 @@ impl Drop for Sluice {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `sluice serve` with the config at `config`, its data port on an
+/// ephemeral port of 127.0.0.1 and its admin listener on `admin_listen`.
+pub fn serve_command(config: &Path, admin_listen: &str) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen"])
+        .arg(admin_listen)
+        .arg("--config")
+        .arg(config);
+    command
 }
 
 /// Runs `sluice ARGS…` to completion.
