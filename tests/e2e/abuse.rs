@@ -22,10 +22,6 @@ use tokio::net::TcpStream;
 use crate::common::fake_backend::*;
 use crate::common::*;
 
-/// No probes and no ejection: a fake backend that misbehaves on purpose
-/// stays in the fleet, and its `/health` entry reports its slots.
-const STEADY: &str = "[health_check]\nenabled = false\n[ejection]\nafter_failures = 0\n";
-
 // ---------------------------------------------------------------------------
 // Helpers
 
@@ -269,10 +265,12 @@ async fn slow_clients_are_cut_off_and_do_not_block_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_bodies_are_refused_before_they_are_read() {
     let ok = mock("ok", &["ok"]).await;
-    let sluice = Sluice::start(&format!(
-        "[server]\nmax_body_bytes = \"64KiB\"\n{}",
-        backend("ok", &ok.url(), &["ok"], "")
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .server("max_body_bytes", "64KiB")
+            .backend(Backend::new("ok", &ok.url()).models(["ok"]))
+            .to_toml(),
+    );
     let answer_of = |mut stream: TcpStream| async move {
         let mut answer = Vec::new();
         let mut buf = [0u8; 4096];
@@ -573,12 +571,12 @@ fn h2_post(sluice: &Sluice, body: &Value) -> http::Request<http_body_util::Full<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_with_many_streams() {
     let ok = mock_with(paced("ok", &["ok"], Flavor::Vllm, 2, 8)).await;
-    let sluice = Sluice::start(&backend(
-        "ok",
-        &ok.url(),
-        &["ok"],
-        "max_concurrent_requests = 16",
-    ));
+    let sluice = Sluice::start(
+        &Backend::new("ok", &ok.url())
+            .models(["ok"])
+            .max_concurrent_requests(16)
+            .to_toml(),
+    );
     let h2 = h2c(sluice.addr).await;
     let mut tasks = Vec::new();
     for i in 0..400 {
@@ -662,14 +660,20 @@ async fn h2c_with_many_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_mid_stream_cancels_the_backend_and_frees_the_slot() {
     let ok = mock_with(paced("ok", &["ok"], Flavor::Vllm, 20, 500)).await;
-    for guard in [
-        "",
-        "[[policies]]\nname = \"words\"\nmodule = \"builtin:sensitive-words\"\nconfig = { words = [\"secret\"], action = \"mask\" }\n[[policies]]\nname = \"router\"\nmodule = \"builtin:model-router\"\n",
-    ] {
-        let sluice = Sluice::start(&format!(
-            "[server]\nqueue_timeout = \"2s\"\n{}{guard}",
-            backend("ok", &ok.url(), &["ok"], "max_concurrent_requests = 1")
-        ));
+    let plain = Config::new().server("queue_timeout", "2s").backend(
+        Backend::new("ok", &ok.url())
+            .models(["ok"])
+            .max_concurrent_requests(1),
+    );
+    let filtered = plain
+        .clone()
+        .policy(
+            Policy::builtin("sensitive-words")
+                .config(json!({"words": ["secret"], "action": "mask"})),
+        )
+        .policy(Policy::builtin("model-router"));
+    for config in [plain, filtered] {
+        let sluice = Sluice::start(&config.to_toml());
         let client = client();
         let finished = ok.stats.streams_finished.load(Ordering::SeqCst);
         for round in 0..10 {
@@ -682,10 +686,16 @@ async fn a_client_leaving_mid_stream_cancels_the_backend_and_frees_the_slot() {
                 drop(stream);
             } else {
                 let mut h2 = h2c(sluice.addr).await;
-                let response = h2.send_request(h2_post(&sluice, &stream_chat("ok"))).await.unwrap();
+                let response = h2
+                    .send_request(h2_post(&sluice, &stream_chat("ok")))
+                    .await
+                    .unwrap();
                 assert_eq!(response.status(), 200, "round {round}");
                 let mut body = response.into_body();
-                http_body_util::BodyExt::frame(&mut body).await.unwrap().unwrap();
+                http_body_util::BodyExt::frame(&mut body)
+                    .await
+                    .unwrap()
+                    .unwrap();
                 drop(body);
             }
             until_mock_idle(&ok.stats, Duration::from_secs(3)).await;
@@ -718,16 +728,17 @@ async fn a_client_leaving_a_silent_stream_frees_the_slot() {
     })
     .await;
     let ok = mock("ok", &["ok"]).await;
-    let sluice = Sluice::start(&format!(
-        "{STEADY}{}{}",
-        backend(
-            "fake",
-            &fake.url(),
-            &["hung"],
-            "max_concurrent_requests = 1"
-        ),
-        backend("ok", &ok.url(), &["ok"], "")
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .steady()
+            .backend(
+                Backend::new("fake", &fake.url())
+                    .models(["hung"])
+                    .max_concurrent_requests(1),
+            )
+            .backend(Backend::new("ok", &ok.url()).models(["ok"]))
+            .to_toml(),
+    );
     let client = client();
     for round in 0..3 {
         let response = sluice.post_chat(&client, &stream_chat("hung")).await;
@@ -752,24 +763,34 @@ async fn a_client_leaving_a_silent_stream_frees_the_slot() {
 // ---------------------------------------------------------------------------
 // Backend abuse
 
-const MASK: &str = "[[policies]]\nname = \"words\"\nmodule = \"builtin:sensitive-words\"\nconfig = { words = [\"secret\"], action = \"mask\", scope = \"response\" }\n[[policies]]\nname = \"router\"\nmodule = \"builtin:model-router\"\n";
-
+/// The misbehaving fake (see [`misbehaving`]) and a well-behaved mock
+/// serving `ok`, behind a gateway that keeps the fake in the fleet
+/// whatever it does; `filtered`: with a response filter (sensitive-words
+/// masking answers) before the router.
 async fn misbehaving_fleet(
     huge: u64,
-    guard: &str,
+    filtered: bool,
 ) -> (Fake, sluice::tools::mock::MockBackend, Sluice) {
     let fake = misbehaving(huge).await;
     let ok = mock("ok", &["ok"]).await;
-    let sluice = Sluice::start(&format!(
-        "{STEADY}[server]\nresponse_timeout = \"10s\"\n{}{}{guard}",
-        backend(
-            "fake",
-            &fake.url(),
-            MISBEHAVIOURS,
-            "max_concurrent_requests = 4"
-        ),
-        backend("ok", &ok.url(), &["ok"], "")
-    ));
+    let mut config = Config::new()
+        .steady()
+        .server("response_timeout", "10s")
+        .backend(
+            Backend::new("fake", &fake.url())
+                .models(MISBEHAVIOURS.iter().copied())
+                .max_concurrent_requests(4),
+        )
+        .backend(Backend::new("ok", &ok.url()).models(["ok"]));
+    if filtered {
+        config = config
+            .policy(
+                Policy::builtin("sensitive-words")
+                    .config(json!({"words": ["secret"], "action": "mask", "scope": "response"})),
+            )
+            .policy(Policy::builtin("model-router"));
+    }
+    let sluice = Sluice::start(&config.to_toml());
     (fake, ok, sluice)
 }
 
@@ -779,10 +800,9 @@ async fn misbehaving_fleet(
 /// just ends. Plain and through a response filter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_backend_streams_end_cleanly() {
-    for guard in ["", MASK] {
-        let (fake, _ok, sluice) = misbehaving_fleet(0, guard).await;
+    for filtered in [false, true] {
+        let (fake, _ok, sluice) = misbehaving_fleet(0, filtered).await;
         let client = client();
-        let filtered = !guard.is_empty();
 
         let response = sluice.post_chat(&client, &stream_chat("garbage")).await;
         assert_eq!(response.status(), 200);
@@ -842,8 +862,8 @@ async fn malformed_backend_streams_end_cleanly() {
 /// freed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_never_ending_stream_is_cut_when_the_client_leaves() {
-    for guard in ["", MASK] {
-        let (fake, _ok, sluice) = misbehaving_fleet(0, guard).await;
+    for filtered in [false, true] {
+        let (fake, _ok, sluice) = misbehaving_fleet(0, filtered).await;
         let client = client();
         let response = sluice.post_chat(&client, &stream_chat("endless")).await;
         assert_eq!(response.status(), 200);
@@ -876,7 +896,7 @@ async fn a_never_ending_stream_is_cut_when_the_client_leaves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_backend_answers_stay_in_bounded_memory() {
     const GIB: u64 = 1 << 30;
-    let (_fake, _ok, sluice) = misbehaving_fleet(GIB, "").await;
+    let (_fake, _ok, sluice) = misbehaving_fleet(GIB, false).await;
     let client = client();
     still_serves(&client, &sluice).await;
     let before = rss_kib(sluice.pid());
@@ -928,7 +948,7 @@ async fn huge_backend_answers_stay_in_bounded_memory() {
 
     // Through a response filter, a whole answer must be read before it is
     // filtered: bounded at 64 MiB, then refused.
-    let (_fake, _ok, sluice) = misbehaving_fleet(256 << 20, MASK).await;
+    let (_fake, _ok, sluice) = misbehaving_fleet(256 << 20, true).await;
     still_serves(&client, &sluice).await;
     let before = rss_kib(sluice.pid());
     let response = sluice.post_chat(&client, &chat("huge-json")).await;
@@ -947,7 +967,7 @@ async fn huge_backend_answers_stay_in_bounded_memory() {
 /// midway is an error for the client, never a silently short success.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_backend_connections_give_clean_errors() {
-    let (_fake, _ok, sluice) = misbehaving_fleet(0, "").await;
+    let (_fake, _ok, sluice) = misbehaving_fleet(0, false).await;
     let client = client();
     for model in ["reset", "close", "not-http", "endless-headers"] {
         for body in [chat(model), stream_chat(model)] {
@@ -971,7 +991,7 @@ async fn broken_backend_connections_give_clean_errors() {
 /// with the backend's status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_json_backend_errors_become_openai_errors() {
-    let (_fake, _ok, sluice) = misbehaving_fleet(0, "").await;
+    let (_fake, _ok, sluice) = misbehaving_fleet(0, false).await;
     let client = client();
     for (model, status) in [
         ("html-500", 500),
@@ -1020,16 +1040,16 @@ async fn non_json_backend_errors_become_openai_errors() {
 fn overflowing_config_values_are_refused() {
     let dir = TempDir::new();
     for (key, value) in [
-        ("reload_interval", "\"307445734561825861m\""),
-        ("shutdown_timeout", "\"5124095576030432h\""),
-        ("max_body_bytes", "\"17179869184GiB\""),
+        ("reload_interval", "307445734561825861m"),
+        ("shutdown_timeout", "5124095576030432h"),
+        ("max_body_bytes", "17179869184GiB"),
     ] {
         let config = dir.write(
             "sluice.toml",
-            format!(
-                "[server]\n{key} = {value}\n{}",
-                backend("vm01", "http://127.0.0.1:9", &["m"], "")
-            ),
+            Config::new()
+                .server(key, value)
+                .backend(Backend::new("vm01", "http://127.0.0.1:9").models(["m"]))
+                .to_toml(),
         );
         let out = run_sluice(&["check-config"], Some(&config));
         assert!(
@@ -1053,15 +1073,17 @@ fn overflowing_config_values_are_refused() {
 async fn no_key_token_or_prompt_reaches_the_log() {
     let ok = mock("ok", &["ok"]).await;
     let sluice = Sluice::start_with(
-        &format!(
-            "[auth]\nrequired = true\n[[consumers]]\nname = \"alice\"\nkey_hashes = [{:?}]\n\
-             [[policies]]\nname = \"words\"\nmodule = \"builtin:sensitive-words\"\n\
-             config = {{ words = [\"forbidden\"], action = \"block\" }}\n\
-             [[policies]]\nname = \"router\"\nmodule = \"builtin:model-router\"\n{}{}",
-            sluice::accounts::consumers::hash_key("sk-canary-right-5e1f"),
-            backend("ok", &ok.url(), &["ok"], ""),
-            backend("dead", "http://127.0.0.1:9", &["dead"], ""),
-        ),
+        &Config::new()
+            .auth_required()
+            .consumer(Consumer::new("alice", "sk-canary-right-5e1f"))
+            .policy(
+                Policy::builtin("sensitive-words")
+                    .config(json!({"words": ["forbidden"], "action": "block"})),
+            )
+            .policy(Policy::builtin("model-router"))
+            .backend(Backend::new("ok", &ok.url()).models(["ok"]))
+            .backend(Backend::new("dead", "http://127.0.0.1:9").models(["dead"]))
+            .to_toml(),
         &[
             ("RUST_LOG", "info"),
             ("SLUICE_ADMIN_TOKEN", "adm-canary-token-9c2d"),

@@ -2,7 +2,10 @@
 //! and check OpenAI-shaped errors. Raw-TCP fakes for backends that
 //! misbehave are in [`fake_backend`].
 
+pub mod config;
 pub mod fake_backend;
+
+pub use config::{Backend, Config, Consumer, Policy, Worker};
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -253,13 +256,11 @@ pub fn paced(
     config
 }
 
-/// A `[[backends]]` entry.
+/// A `[[backends]]` entry with `extra` lines of TOML after its keys; see
+/// [`Backend`] for a typed one.
 pub fn backend(name: &str, url: &str, models: &[&str], extra: &str) -> String {
-    let models: Vec<String> = models.iter().map(|m| format!("{m:?}")).collect();
-    format!(
-        "[[backends]]\nname = {name:?}\nurl = {url:?}\nmodels = [{}]\n{extra}\n",
-        models.join(", ")
-    )
+    let entry = Backend::new(name, url).models(models.iter().copied());
+    format!("{}{extra}\n", entry.to_toml())
 }
 
 /// The path of a test guest built from `tests/guests/` by the build script.
