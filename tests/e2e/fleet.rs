@@ -124,16 +124,7 @@ async fn a_stopped_backend_is_marked_down_and_recovers_by_itself() {
     let vm02 = mock("vm02", &["m"]).await;
     let sluice = Sluice::start(
         &fast_checks()
-            .backend(
-                Backend::new("vm01", &vm01.url())
-                    .models(["m"])
-                    .max_concurrent_requests(2),
-            )
-            .backend(
-                Backend::new("vm02", &vm02.url())
-                    .models(["m"])
-                    .max_concurrent_requests(2),
-            )
+            .two_backends(&vm01.url(), &vm02.url(), 2)
             .to_toml(),
     );
     let client = client();
@@ -598,16 +589,7 @@ async fn killing_a_full_backend_loses_no_queued_request() {
     let sluice = Sluice::start(
         &Config::new()
             .set("health_check", "enabled", false)
-            .backend(
-                Backend::new("vm01", &vm01.url())
-                    .models(["m"])
-                    .max_concurrent_requests(1),
-            )
-            .backend(
-                Backend::new("vm02", &vm02.url())
-                    .models(["m"])
-                    .max_concurrent_requests(1),
-            )
+            .two_backends(&vm01.url(), &vm02.url(), 1)
             .to_toml(),
     );
     let client = client();

@@ -169,16 +169,7 @@ async fn concurrent_streams_respect_max_concurrent_requests() {
     let vm02 = mock_with(paced("vm02", &["m"], Flavor::Ollama, 40, 8)).await;
     let sluice = Sluice::start(
         &Config::new()
-            .backend(
-                Backend::new("vm01", &vm01.url())
-                    .models(["m"])
-                    .max_concurrent_requests(2),
-            )
-            .backend(
-                Backend::new("vm02", &vm02.url())
-                    .models(["m"])
-                    .max_concurrent_requests(2),
-            )
+            .two_backends(&vm01.url(), &vm02.url(), 2)
             .to_toml(),
     );
     let client = client();

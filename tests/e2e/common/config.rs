@@ -25,6 +25,11 @@ use toml::Value;
 struct Keys(Vec<(String, Value)>);
 
 impl Keys {
+    /// The first keys of an entry.
+    fn of<const N: usize>(keys: [(&str, Value); N]) -> Keys {
+        Keys(keys.map(|(k, v)| (k.to_string(), v)).into())
+    }
+
     fn set(&mut self, key: &str, value: Value) {
         match self.0.iter_mut().find(|(k, _)| k == key) {
             Some((_, old)) => *old = value,
@@ -97,6 +102,18 @@ impl Config {
         self
     }
 
+    /// Backends `vm01` and `vm02` at these URLs, both serving `m` with
+    /// `slots` concurrent requests each: the fleet of the queueing tests.
+    pub fn two_backends(self, vm01: &str, vm02: &str, slots: u32) -> Config {
+        let slotted = |name: &str, url: &str| {
+            Backend::new(name, url)
+                .models(["m"])
+                .max_concurrent_requests(slots)
+        };
+        self.backend(slotted("vm01", vm01))
+            .backend(slotted("vm02", vm02))
+    }
+
     /// Adds a policy at the end of the chain.
     pub fn policy(mut self, policy: Policy) -> Config {
         self.policies.push(policy);
@@ -152,10 +169,7 @@ pub struct Backend(Keys);
 
 impl Backend {
     pub fn new(name: &str, url: &str) -> Backend {
-        let mut keys = Keys::default();
-        keys.set("name", name.into());
-        keys.set("url", url.into());
-        Backend(keys)
+        Backend(Keys::of([("name", name.into()), ("url", url.into())]))
     }
 
     pub fn models<S: Into<String>>(self, models: impl IntoIterator<Item = S>) -> Backend {
@@ -190,10 +204,10 @@ impl Consumer {
     /// A consumer whose one API key is `key` (its hash is what is written).
     pub fn new(name: &str, key: &str) -> Consumer {
         let hash = sluice::accounts::consumers::hash_key(key);
-        let mut keys = Keys::default();
-        keys.set("name", name.into());
-        keys.set("key_hashes", vec![hash].into());
-        Consumer(keys)
+        Consumer(Keys::of([
+            ("name", name.into()),
+            ("key_hashes", vec![hash].into()),
+        ]))
     }
 
     pub fn models<S: Into<String>>(self, models: impl IntoIterator<Item = S>) -> Consumer {
@@ -214,10 +228,7 @@ pub struct Policy(Keys);
 impl Policy {
     /// A policy named `name` loaded from `module` (a path or `builtin:…`).
     pub fn new(name: &str, module: &str) -> Policy {
-        let mut keys = Keys::default();
-        keys.set("name", name.into());
-        keys.set("module", module.into());
-        Policy(keys)
+        Policy(Keys::of([("name", name.into()), ("module", module.into())]))
     }
 
     /// A bundled policy under a short name: `model-router` is named
@@ -262,11 +273,11 @@ impl Worker {
     /// A worker named `name` serving `route`, built from the test guest
     /// `guest` (see [`super::test_guest`]).
     pub fn guest(name: &str, route: &str, guest: &str) -> Worker {
-        let mut keys = Keys::default();
-        keys.set("name", name.into());
-        keys.set("route", route.into());
-        keys.set("module", super::test_guest(guest).into());
-        Worker(keys)
+        Worker(Keys::of([
+            ("name", name.into()),
+            ("route", route.into()),
+            ("module", super::test_guest(guest).into()),
+        ]))
     }
 
     /// Any other key of the entry (`timeout`, `allowed_hosts`, …).
