@@ -3,11 +3,10 @@
 //! the gateway's memory stays bounded, the backend's slot is freed, and the
 //! gateway goes on serving.
 //!
-//! Backends that misbehave are small raw-TCP fakes written here: each
-//! answers according to the model it is asked for, so one fake plays every
-//! scenario.
+//! Backends that misbehave are the raw-TCP fakes of
+//! `common::fake_backend`: each answers according to the model it is asked
+//! for, so one fake plays every scenario.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,156 +17,13 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use sluice::tools::mock::Flavor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
+use crate::common::fake_backend::*;
 use crate::common::*;
-
-/// No probes and no ejection: a fake backend that misbehaves on purpose
-/// stays in the fleet, and its `/health` entry reports its slots.
-const STEADY: &str = "[health_check]\nenabled = false\n[ejection]\nafter_failures = 0\n";
 
 // ---------------------------------------------------------------------------
 // Helpers
-
-/// What a fake backend saw.
-#[derive(Default)]
-pub(crate) struct FakeStats {
-    requests: AtomicU64,
-    /// Connections the gateway closed (or reset) while the fake was still
-    /// sending or waiting: a cancelled backend request.
-    closed_by_gateway: AtomicU64,
-}
-
-/// A raw-TCP backend; `serve` plays one connection after its request was
-/// read (the model asked for is passed along).
-pub(crate) struct Fake {
-    addr: SocketAddr,
-    stats: Arc<FakeStats>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Fake {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Fake {
-    pub(crate) fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
-
-pub(crate) async fn fake<F, Fut>(serve: F) -> Fake
-where
-    F: Fn(TcpStream, String, Arc<FakeStats>) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stats = Arc::new(FakeStats::default());
-    let serve = Arc::new(serve);
-    let shared = stats.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let serve = serve.clone();
-            let stats = shared.clone();
-            tokio::spawn(async move {
-                let Some(body) = read_request(&mut stream).await else {
-                    return;
-                };
-                stats.requests.fetch_add(1, Ordering::SeqCst);
-                let model = serde_json::from_slice::<Value>(&body)
-                    .ok()
-                    .and_then(|b| b["model"].as_str().map(str::to_string))
-                    .unwrap_or_default();
-                serve(stream, model, stats).await;
-            });
-        }
-    });
-    Fake { addr, stats, task }
-}
-
-/// Reads one HTTP/1.1 request (head and `content-length` body); its body.
-async fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut buffer = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(at) = find(&buffer, b"\r\n\r\n") {
-            break at + 4;
-        }
-        let n = stream.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buffer.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buffer[..head_end]).to_ascii_lowercase();
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    while buffer.len() < head_end + length {
-        let n = stream.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buffer.extend_from_slice(&chunk[..n]);
-    }
-    Some(buffer[head_end..head_end + length].to_vec())
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Waits until the peer closes the connection (or resets it); false if it
-/// is still open after `limit`.
-async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
-    let mut sink = [0u8; 4096];
-    tokio::time::timeout(limit, async {
-        loop {
-            match stream.read(&mut sink).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await
-    .is_ok()
-}
-
-/// Writes `bytes`; false when the gateway closed the connection.
-pub(crate) async fn send(stream: &mut TcpStream, bytes: impl AsRef<[u8]>) -> bool {
-    stream.write_all(bytes.as_ref()).await.is_ok()
-}
-
-/// Closes with a TCP reset instead of a FIN.
-fn reset(stream: TcpStream) {
-    #[allow(deprecated)]
-    let _ = stream.set_linger(Some(Duration::ZERO));
-    drop(stream);
-}
-
-const SSE_HEAD: &str = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n";
-
-/// One HTTP/1.1 chunk.
-fn chunked(bytes: &[u8]) -> Vec<u8> {
-    let mut out = format!("{:x}\r\n", bytes.len()).into_bytes();
-    out.extend_from_slice(bytes);
-    out.extend_from_slice(b"\r\n");
-    out
-}
-
-fn content_event(text: &str) -> Vec<u8> {
-    let chunk = json!({"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m",
-        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]});
-    format!("data: {chunk}\n\n").into_bytes()
-}
 
 /// The gateway's view of a backend's slots.
 async fn in_flight(client: &reqwest::Client, sluice: &Sluice, name: &str) -> u64 {
@@ -206,16 +62,6 @@ async fn until_mock_idle(stats: &sluice::tools::mock::MockStats, limit: Duration
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Resident memory of a process, in KiB.
-pub(crate) fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// One well-behaved request to the mock serving `ok`: the gateway is fine.
@@ -419,10 +265,12 @@ async fn slow_clients_are_cut_off_and_do_not_block_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_bodies_are_refused_before_they_are_read() {
     let ok = mock("ok", &["ok"]).await;
-    let sluice = Sluice::start(&format!(
-        "[server]\nmax_body_bytes = \"64KiB\"\n{}",
-        backend("ok", &ok.url(), &["ok"], "")
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .server("max_body_bytes", "64KiB")
+            .backend(Backend::new("ok", &ok.url()).models(["ok"]))
+            .to_toml(),
+    );
     let answer_of = |mut stream: TcpStream| async move {
         let mut answer = Vec::new();
         let mut buf = [0u8; 4096];
@@ -723,12 +571,12 @@ fn h2_post(sluice: &Sluice, body: &Value) -> http::Request<http_body_util::Full<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_with_many_streams() {
     let ok = mock_with(paced("ok", &["ok"], Flavor::Vllm, 2, 8)).await;
-    let sluice = Sluice::start(&backend(
-        "ok",
-        &ok.url(),
-        &["ok"],
-        "max_concurrent_requests = 16",
-    ));
+    let sluice = Sluice::start(
+        &Backend::new("ok", &ok.url())
+            .models(["ok"])
+            .max_concurrent_requests(16)
+            .to_toml(),
+    );
     let h2 = h2c(sluice.addr).await;
     let mut tasks = Vec::new();
     for i in 0..400 {
@@ -812,14 +660,20 @@ async fn h2c_with_many_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_mid_stream_cancels_the_backend_and_frees_the_slot() {
     let ok = mock_with(paced("ok", &["ok"], Flavor::Vllm, 20, 500)).await;
-    for guard in [
-        "",
-        "[[policies]]\nname = \"words\"\nmodule = \"builtin:sensitive-words\"\nconfig = { words = [\"secret\"], action = \"mask\" }\n[[policies]]\nname = \"router\"\nmodule = \"builtin:model-router\"\n",
-    ] {
-        let sluice = Sluice::start(&format!(
-            "[server]\nqueue_timeout = \"2s\"\n{}{guard}",
-            backend("ok", &ok.url(), &["ok"], "max_concurrent_requests = 1")
-        ));
+    let plain = Config::new().server("queue_timeout", "2s").backend(
+        Backend::new("ok", &ok.url())
+            .models(["ok"])
+            .max_concurrent_requests(1),
+    );
+    let filtered = plain
+        .clone()
+        .policy(
+            Policy::builtin("sensitive-words")
+                .config(json!({"words": ["secret"], "action": "mask"})),
+        )
+        .policy(Policy::builtin("model-router"));
+    for config in [plain, filtered] {
+        let sluice = Sluice::start(&config.to_toml());
         let client = client();
         let finished = ok.stats.streams_finished.load(Ordering::SeqCst);
         for round in 0..10 {
@@ -832,10 +686,16 @@ async fn a_client_leaving_mid_stream_cancels_the_backend_and_frees_the_slot() {
                 drop(stream);
             } else {
                 let mut h2 = h2c(sluice.addr).await;
-                let response = h2.send_request(h2_post(&sluice, &stream_chat("ok"))).await.unwrap();
+                let response = h2
+                    .send_request(h2_post(&sluice, &stream_chat("ok")))
+                    .await
+                    .unwrap();
                 assert_eq!(response.status(), 200, "round {round}");
                 let mut body = response.into_body();
-                http_body_util::BodyExt::frame(&mut body).await.unwrap().unwrap();
+                http_body_util::BodyExt::frame(&mut body)
+                    .await
+                    .unwrap()
+                    .unwrap();
                 drop(body);
             }
             until_mock_idle(&ok.stats, Duration::from_secs(3)).await;
@@ -868,16 +728,17 @@ async fn a_client_leaving_a_silent_stream_frees_the_slot() {
     })
     .await;
     let ok = mock("ok", &["ok"]).await;
-    let sluice = Sluice::start(&format!(
-        "{STEADY}{}{}",
-        backend(
-            "fake",
-            &fake.url(),
-            &["hung"],
-            "max_concurrent_requests = 1"
-        ),
-        backend("ok", &ok.url(), &["ok"], "")
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .steady()
+            .backend(
+                Backend::new("fake", &fake.url())
+                    .models(["hung"])
+                    .max_concurrent_requests(1),
+            )
+            .backend(Backend::new("ok", &ok.url()).models(["ok"]))
+            .to_toml(),
+    );
     let client = client();
     for round in 0..3 {
         let response = sluice.post_chat(&client, &stream_chat("hung")).await;
@@ -902,192 +763,34 @@ async fn a_client_leaving_a_silent_stream_frees_the_slot() {
 // ---------------------------------------------------------------------------
 // Backend abuse
 
-/// Everything a fake backend can do wrong, by model name.
-async fn misbehaving_backend(huge: u64) -> Fake {
-    fake(move |mut stream, model, stats| async move {
-        match model.as_str() {
-            // Streams.
-            "garbage" => {
-                let mut out = SSE_HEAD.as_bytes().to_vec();
-                for event in [
-                    &b"data: {not json\n\n"[..],
-                    b"event: weird\nid: 7\nretry: 10\n\n",
-                    b"data:\n\n",
-                    b"\x00\xff\xfe binary \xc3\n\n",
-                    b"data: {\"choices\":\"not an array\"}\n\n",
-                    b"data: {\"choices\":[{\"index\":\"zero\",\"delta\":{\"content\":5}}]}\n\n",
-                    b"data: {\"choices\":[{\"index\":4294967296,\"delta\":{\"content\":\"big index\"}}]}\n\n",
-                    b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"half \xe6\x9c\"}}]}\n\n",
-                    b"data: {\"usage\":\"nope\",\"choices\":[]}\n\n",
-                    b"data: [DONE]\n\n",
-                ] {
-                    out.extend(chunked(event));
-                }
-                out.extend_from_slice(b"0\r\n\r\n");
-                send(&mut stream, out).await;
-            }
-            "oversized-event" => {
-                let mut out = SSE_HEAD.as_bytes().to_vec();
-                out.extend(chunked(&content_event("Hello")));
-                out.extend(chunked(b"data: "));
-                send(&mut stream, out).await;
-                for _ in 0..(3 << 20) / 65536 {
-                    if !send(&mut stream, chunked(&[b'x'; 65536])).await {
-                        stats.closed_by_gateway.fetch_add(1, Ordering::SeqCst);
-                        return;
-                    }
-                }
-                if closed_within(&mut stream, Duration::from_secs(10)).await {
-                    stats.closed_by_gateway.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-            "no-done" => {
-                // No length, no chunking: the body ends when the connection does.
-                let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n".to_vec();
-                out.extend(content_event("Hello"));
-                out.extend(content_event(" world"));
-                out.extend_from_slice(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" tail\"}}]}");
-                send(&mut stream, out).await;
-            }
-            "reset-mid-stream" => {
-                let mut out = SSE_HEAD.as_bytes().to_vec();
-                out.extend(chunked(&content_event("Hello")));
-                send(&mut stream, out).await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                reset(stream);
-            }
-            "truncated-chunk" => {
-                let mut out = SSE_HEAD.as_bytes().to_vec();
-                out.extend(chunked(&content_event("Hello")));
-                out.extend_from_slice(b"3e8\r\ndata: {");
-                send(&mut stream, out).await;
-            }
-            "endless" => {
-                send(&mut stream, SSE_HEAD.as_bytes().to_vec()).await;
-                loop {
-                    if !send(&mut stream, chunked(&content_event("more "))).await {
-                        stats.closed_by_gateway.fetch_add(1, Ordering::SeqCst);
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-            "huge-stream" => {
-                send(&mut stream, SSE_HEAD.as_bytes().to_vec()).await;
-                let event = content_event(&"y".repeat(8000));
-                let mut batch = Vec::new();
-                for _ in 0..16 {
-                    batch.extend_from_slice(&event);
-                }
-                let batch = chunked(&batch);
-                let mut sent = 0u64;
-                while sent < huge {
-                    if !send(&mut stream, batch.clone()).await {
-                        return;
-                    }
-                    sent += batch.len() as u64;
-                }
-                let mut tail = chunked(b"data: [DONE]\n\n");
-                tail.extend_from_slice(b"0\r\n\r\n");
-                send(&mut stream, tail).await;
-            }
-            // Whole answers.
-            "huge-json" => {
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
-                    huge + 2
-                );
-                send(&mut stream, head.into_bytes()).await;
-                let block = vec![b' '; 1 << 20];
-                send(&mut stream, b"{".to_vec()).await;
-                let mut sent = 0;
-                while sent < huge {
-                    let n = (huge - sent).min(block.len() as u64) as usize;
-                    if !send(&mut stream, block[..n].to_vec()).await {
-                        return;
-                    }
-                    sent += n as u64;
-                }
-                send(&mut stream, b"}".to_vec()).await;
-            }
-            "reset-mid-body" => {
-                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 100000\r\n\r\n{\"id\":\"x\",";
-                send(&mut stream, head.as_bytes().to_vec()).await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                reset(stream);
-            }
-            "endless-headers" => {
-                send(&mut stream, b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n".to_vec()).await;
-                for i in 0..100_000 {
-                    if !send(&mut stream, format!("x-filler-{i}: {}\r\n", "a".repeat(100)).into_bytes()).await {
-                        return;
-                    }
-                }
-            }
-            // Errors that are not JSON.
-            "html-500" => {
-                let body = "<html><body><h1>500 Internal Server Error</h1></body></html>";
-                send(&mut stream, format!("HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/html\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}", body.len()).into_bytes()).await;
-            }
-            "text-400" => {
-                send(&mut stream, b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\nconnection: close\r\ncontent-length: 11\r\n\r\nBad Request".to_vec()).await;
-            }
-            "empty-503" => {
-                send(&mut stream, b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\n\r\n".to_vec()).await;
-            }
-            "truncated-json-429" => {
-                send(&mut stream, b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 9\r\n\r\n{\"error\":".to_vec()).await;
-            }
-            // Connections that break before an answer.
-            "reset" => reset(stream),
-            "close" => drop(stream),
-            "not-http" => {
-                send(&mut stream, b"SSH-2.0-OpenSSH_9.6\r\n\r\n".to_vec()).await;
-            }
-            other => panic!("the fake has no scenario {other}"),
-        }
-    })
-    .await
-}
-
-const FAKE_MODELS: &[&str] = &[
-    "garbage",
-    "oversized-event",
-    "no-done",
-    "reset-mid-stream",
-    "truncated-chunk",
-    "endless",
-    "huge-stream",
-    "huge-json",
-    "reset-mid-body",
-    "endless-headers",
-    "html-500",
-    "text-400",
-    "empty-503",
-    "truncated-json-429",
-    "reset",
-    "close",
-    "not-http",
-];
-
-const MASK: &str = "[[policies]]\nname = \"words\"\nmodule = \"builtin:sensitive-words\"\nconfig = { words = [\"secret\"], action = \"mask\", scope = \"response\" }\n[[policies]]\nname = \"router\"\nmodule = \"builtin:model-router\"\n";
-
+/// The misbehaving fake (see [`misbehaving`]) and a well-behaved mock
+/// serving `ok`, behind a gateway that keeps the fake in the fleet
+/// whatever it does; `filtered`: with a response filter (sensitive-words
+/// masking answers) before the router.
 async fn misbehaving_fleet(
     huge: u64,
-    guard: &str,
+    filtered: bool,
 ) -> (Fake, sluice::tools::mock::MockBackend, Sluice) {
-    let fake = misbehaving_backend(huge).await;
+    let fake = misbehaving(huge).await;
     let ok = mock("ok", &["ok"]).await;
-    let sluice = Sluice::start(&format!(
-        "{STEADY}[server]\nresponse_timeout = \"10s\"\n{}{}{guard}",
-        backend(
-            "fake",
-            &fake.url(),
-            FAKE_MODELS,
-            "max_concurrent_requests = 4"
-        ),
-        backend("ok", &ok.url(), &["ok"], "")
-    ));
+    let mut config = Config::new()
+        .steady()
+        .server("response_timeout", "10s")
+        .backend(
+            Backend::new("fake", &fake.url())
+                .models(MISBEHAVIOURS.iter().copied())
+                .max_concurrent_requests(4),
+        )
+        .backend(Backend::new("ok", &ok.url()).models(["ok"]));
+    if filtered {
+        config = config
+            .policy(
+                Policy::builtin("sensitive-words")
+                    .config(json!({"words": ["secret"], "action": "mask", "scope": "response"})),
+            )
+            .policy(Policy::builtin("model-router"));
+    }
+    let sluice = Sluice::start(&config.to_toml());
     (fake, ok, sluice)
 }
 
@@ -1097,10 +800,9 @@ async fn misbehaving_fleet(
 /// just ends. Plain and through a response filter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_backend_streams_end_cleanly() {
-    for guard in ["", MASK] {
-        let (fake, _ok, sluice) = misbehaving_fleet(0, guard).await;
+    for filtered in [false, true] {
+        let (fake, _ok, sluice) = misbehaving_fleet(0, filtered).await;
         let client = client();
-        let filtered = !guard.is_empty();
 
         let response = sluice.post_chat(&client, &stream_chat("garbage")).await;
         assert_eq!(response.status(), 200);
@@ -1160,8 +862,8 @@ async fn malformed_backend_streams_end_cleanly() {
 /// freed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_never_ending_stream_is_cut_when_the_client_leaves() {
-    for guard in ["", MASK] {
-        let (fake, _ok, sluice) = misbehaving_fleet(0, guard).await;
+    for filtered in [false, true] {
+        let (fake, _ok, sluice) = misbehaving_fleet(0, filtered).await;
         let client = client();
         let response = sluice.post_chat(&client, &stream_chat("endless")).await;
         assert_eq!(response.status(), 200);
@@ -1194,7 +896,7 @@ async fn a_never_ending_stream_is_cut_when_the_client_leaves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_backend_answers_stay_in_bounded_memory() {
     const GIB: u64 = 1 << 30;
-    let (_fake, _ok, sluice) = misbehaving_fleet(GIB, "").await;
+    let (_fake, _ok, sluice) = misbehaving_fleet(GIB, false).await;
     let client = client();
     still_serves(&client, &sluice).await;
     let before = rss_kib(sluice.pid());
@@ -1246,7 +948,7 @@ async fn huge_backend_answers_stay_in_bounded_memory() {
 
     // Through a response filter, a whole answer must be read before it is
     // filtered: bounded at 64 MiB, then refused.
-    let (_fake, _ok, sluice) = misbehaving_fleet(256 << 20, MASK).await;
+    let (_fake, _ok, sluice) = misbehaving_fleet(256 << 20, true).await;
     still_serves(&client, &sluice).await;
     let before = rss_kib(sluice.pid());
     let response = sluice.post_chat(&client, &chat("huge-json")).await;
@@ -1265,7 +967,7 @@ async fn huge_backend_answers_stay_in_bounded_memory() {
 /// midway is an error for the client, never a silently short success.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_backend_connections_give_clean_errors() {
-    let (_fake, _ok, sluice) = misbehaving_fleet(0, "").await;
+    let (_fake, _ok, sluice) = misbehaving_fleet(0, false).await;
     let client = client();
     for model in ["reset", "close", "not-http", "endless-headers"] {
         for body in [chat(model), stream_chat(model)] {
@@ -1289,7 +991,7 @@ async fn broken_backend_connections_give_clean_errors() {
 /// with the backend's status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_json_backend_errors_become_openai_errors() {
-    let (_fake, _ok, sluice) = misbehaving_fleet(0, "").await;
+    let (_fake, _ok, sluice) = misbehaving_fleet(0, false).await;
     let client = client();
     for (model, status) in [
         ("html-500", 500),
@@ -1338,16 +1040,16 @@ async fn non_json_backend_errors_become_openai_errors() {
 fn overflowing_config_values_are_refused() {
     let dir = TempDir::new();
     for (key, value) in [
-        ("reload_interval", "\"307445734561825861m\""),
-        ("shutdown_timeout", "\"5124095576030432h\""),
-        ("max_body_bytes", "\"17179869184GiB\""),
+        ("reload_interval", "307445734561825861m"),
+        ("shutdown_timeout", "5124095576030432h"),
+        ("max_body_bytes", "17179869184GiB"),
     ] {
         let config = dir.write(
             "sluice.toml",
-            format!(
-                "[server]\n{key} = {value}\n{}",
-                backend("vm01", "http://127.0.0.1:9", &["m"], "")
-            ),
+            Config::new()
+                .server(key, value)
+                .backend(Backend::new("vm01", "http://127.0.0.1:9").models(["m"]))
+                .to_toml(),
         );
         let out = run_sluice(&["check-config"], Some(&config));
         assert!(
@@ -1371,15 +1073,17 @@ fn overflowing_config_values_are_refused() {
 async fn no_key_token_or_prompt_reaches_the_log() {
     let ok = mock("ok", &["ok"]).await;
     let sluice = Sluice::start_with(
-        &format!(
-            "[auth]\nrequired = true\n[[consumers]]\nname = \"alice\"\nkey_hashes = [{:?}]\n\
-             [[policies]]\nname = \"words\"\nmodule = \"builtin:sensitive-words\"\n\
-             config = {{ words = [\"forbidden\"], action = \"block\" }}\n\
-             [[policies]]\nname = \"router\"\nmodule = \"builtin:model-router\"\n{}{}",
-            sluice::accounts::consumers::hash_key("sk-canary-right-5e1f"),
-            backend("ok", &ok.url(), &["ok"], ""),
-            backend("dead", "http://127.0.0.1:9", &["dead"], ""),
-        ),
+        &Config::new()
+            .auth_required()
+            .consumer(Consumer::new("alice", "sk-canary-right-5e1f"))
+            .policy(
+                Policy::builtin("sensitive-words")
+                    .config(json!({"words": ["forbidden"], "action": "block"})),
+            )
+            .policy(Policy::builtin("model-router"))
+            .backend(Backend::new("ok", &ok.url()).models(["ok"]))
+            .backend(Backend::new("dead", "http://127.0.0.1:9").models(["dead"]))
+            .to_toml(),
         &[
             ("RUST_LOG", "info"),
             ("SLUICE_ADMIN_TOKEN", "adm-canary-token-9c2d"),
@@ -1450,16 +1154,7 @@ fn the_admin_listener_needs_a_token_off_loopback() {
         "sluice.toml",
         backend("vm01", "http://127.0.0.1:9", &["m"], ""),
     );
-    let out = std::process::Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "0.0.0.0:0",
-            "--config",
-        ])
-        .arg(&config)
+    let out = serve_command(&config, "0.0.0.0:0")
         .env_remove("SLUICE_ADMIN_TOKEN")
         .output()
         .expect("running sluice");

@@ -58,11 +58,10 @@ async fn a_new_policy_builds_tests_and_deploys_as_scaffolded() {
     let vm01 = mock("vm01", &["m"]).await;
     let vm02 = mock("vm02", &["m"]).await;
     let sluice = Sluice::start_with(
-        &format!(
-            "{}{}",
-            backend("vm01", &vm01.url(), &["m"], ""),
-            backend("vm02", &vm02.url(), &["m"], "")
-        ),
+        &Config::new()
+            .backend(Backend::new("vm01", &vm01.url()).models(["m"]))
+            .backend(Backend::new("vm02", &vm02.url()).models(["m"]))
+            .to_toml(),
         &[("SLUICE_ADMIN_TOKEN", "tok")],
     );
     let config = dir.write("avoid.json", r#"{"avoid": ["vm01"]}"#);
@@ -114,15 +113,20 @@ fn policy_test(args: &[&str]) -> (bool, String, String) {
 async fn recorded_traffic_replays_offline_and_pins_decisions() {
     let vm01 = mock("vm01", &["m"]).await;
     let vm02 = mock("vm02", &["m"]).await;
-    let sluice = Sluice::start(&format!(
-        "[auth]\nrequired = true\n[[consumers]]\nname = \"alice\"\nkey_hashes = [{:?}]\n\
-         [recording]\npath = \"recorded.jsonl\"\nsample = 1.0\nmax_body_bytes = \"2KiB\"\n{}{}\
-         [[policies]]\nname = \"pin\"\nmodule = {:?}\nconfig = {{ default = \"vm01\" }}\n",
-        sluice::accounts::consumers::hash_key("sk-rec-secret"),
-        backend("vm01", &vm01.url(), &["m"], ""),
-        backend("vm02", &vm02.url(), &["m"], ""),
-        test_guest("pin-backend"),
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .auth_required()
+            .consumer(Consumer::new("alice", "sk-rec-secret"))
+            .set("recording", "path", "recorded.jsonl")
+            .set("recording", "sample", 1.0)
+            .set("recording", "max_body_bytes", "2KiB")
+            .backend(Backend::new("vm01", &vm01.url()).models(["m"]))
+            .backend(Backend::new("vm02", &vm02.url()).models(["m"]))
+            .policy(
+                Policy::guest("pin", "pin-backend").config(serde_json::json!({"default": "vm01"})),
+            )
+            .to_toml(),
+    );
     let client = client();
     for pin in ["vm01", "vm02", "vm02,vm01"] {
         let response = client
@@ -180,8 +184,10 @@ async fn recorded_traffic_replays_offline_and_pins_decisions() {
 
     let fleet = sluice.dir.write(
         "fleet.toml",
-        "[[backends]]\nname = \"vm01\"\nurl = \"http://10.0.0.1:8000\"\nmodels = [\"m\"]\n\
-         [[backends]]\nname = \"vm02\"\nurl = \"http://10.0.0.2:8000\"\nmodels = [\"m\"]\n",
+        Config::new()
+            .backend(Backend::new("vm01", "http://10.0.0.1:8000").models(["m"]))
+            .backend(Backend::new("vm02", "http://10.0.0.2:8000").models(["m"]))
+            .to_toml(),
     );
     let config = sluice.dir.write("pin.json", r#"{"default": "vm01"}"#);
     let module = test_guest("pin-backend");

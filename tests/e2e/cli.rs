@@ -13,13 +13,15 @@ fn stderr_of(args: &[&str], config: &str) -> (bool, String) {
     )
 }
 
-const GOOD: &str =
-    "[[backends]]\nname = \"vm01\"\nurl = \"http://127.0.0.1:9\"\nmodels = [\"m\"]\n";
+/// One backend, nothing else: a config `check-config` accepts.
+fn good() -> Config {
+    Config::new().backend(Backend::new("vm01", "http://127.0.0.1:9").models(["m"]))
+}
 
 #[test]
 fn check_config_accepts_a_good_file() {
     let dir = TempDir::new();
-    let path = dir.write("sluice.toml", GOOD);
+    let path = dir.write("sluice.toml", good().to_toml());
     let output = run_sluice(&["check-config"], Some(&path));
     assert!(
         output.status.success(),
@@ -42,14 +44,19 @@ fn check_config_accepts_a_good_file() {
 fn check_config_names_the_bad_key() {
     let (ok, err) = stderr_of(
         &["check-config"],
-        &format!("{GOOD}[[backends]]\nname = \"vm02\"\nurl = \"ftp://x\"\nmodels = [\"m\"]\n"),
+        &good()
+            .backend(Backend::new("vm02", "ftp://x").models(["m"]))
+            .to_toml(),
     );
     assert!(!ok);
     assert!(err.contains("backends[1].url"), "{err}");
 
     let (ok, err) = stderr_of(
         &["check-config"],
-        &format!("[server]\nlisten = \"127.0.0.1:80\"\nmax_body = 5\n{GOOD}"),
+        &good()
+            .server("listen", "127.0.0.1:80")
+            .server("max_body", 5)
+            .to_toml(),
     );
     assert!(!ok);
     assert!(err.contains("max_body"), "{err}");
@@ -59,10 +66,9 @@ fn check_config_names_the_bad_key() {
 fn a_file_that_is_not_wasm_is_refused() {
     let dir = TempDir::new();
     let module = dir.write("bad.wasm", "not wasm at all");
-    let config = format!(
-        "{GOOD}[[policies]]\nname = \"bad\"\nmodule = {:?}\n",
-        module.display().to_string()
-    );
+    let config = good()
+        .policy(Policy::new("bad", &module.display().to_string()))
+        .to_toml();
     let (ok, err) = stderr_of(&["check-config"], &config);
     assert!(!ok);
     assert!(
@@ -75,10 +81,7 @@ fn a_file_that_is_not_wasm_is_refused() {
 /// its `init` error is reported with the guest's own message.
 #[test]
 fn a_policy_whose_init_refuses_its_config_is_refused() {
-    let config = format!(
-        "{GOOD}[[policies]]\nname = \"pin\"\nmodule = {:?}\n",
-        test_guest("pin-backend")
-    );
+    let config = good().policy(Policy::guest("pin", "pin-backend")).to_toml();
     let (ok, err) = stderr_of(&["check-config"], &config);
     assert!(!ok);
     assert!(
@@ -91,10 +94,12 @@ fn a_policy_whose_init_refuses_its_config_is_refused() {
 /// would be silently never called: it is refused, saying what to change.
 #[test]
 fn an_undeclared_failure_hook_is_refused() {
-    let config = format!(
-        "{GOOD}[[policies]]\nname = \"quiet\"\nmodule = {:?}\nconfig = {{ undeclared_failure = true }}\n",
-        test_guest("misbehave")
-    );
+    let config = good()
+        .policy(
+            Policy::guest("quiet", "misbehave")
+                .config(serde_json::json!({"undeclared_failure": true})),
+        )
+        .to_toml();
     let (ok, err) = stderr_of(&["check-config"], &config);
     assert!(!ok, "refused");
     assert!(
@@ -102,10 +107,7 @@ fn an_undeclared_failure_hook_is_refused() {
         "{err}"
     );
     // The same guest, not answering on_failure, is accepted.
-    let config = format!(
-        "{GOOD}[[policies]]\nname = \"quiet\"\nmodule = {:?}\n",
-        test_guest("misbehave")
-    );
+    let config = good().policy(Policy::guest("quiet", "misbehave")).to_toml();
     let (ok, err) = stderr_of(&["check-config"], &config);
     assert!(ok, "{err}");
 }
@@ -114,10 +116,9 @@ fn an_undeclared_failure_hook_is_refused() {
 /// message, before it can serve a request.
 #[test]
 fn a_policy_that_traps_on_its_trial_is_refused() {
-    let config = format!(
-        "{GOOD}[[policies]]\nname = \"bad\"\nmodule = {:?}\nconfig = {{ always = \"trap\" }}\n",
-        test_guest("misbehave")
-    );
+    let config = good()
+        .policy(Policy::guest("bad", "misbehave").config(serde_json::json!({"always": "trap"})))
+        .to_toml();
     let (ok, err) = stderr_of(&["check-config"], &config);
     assert!(!ok);
     assert!(
@@ -127,10 +128,9 @@ fn a_policy_that_traps_on_its_trial_is_refused() {
         "{err}"
     );
 
-    let config = format!(
-        "{GOOD}[[policies]]\nname = \"bad\"\nmodule = {:?}\nconfig = {{ fail_init = true }}\n",
-        test_guest("misbehave")
-    );
+    let config = good()
+        .policy(Policy::guest("bad", "misbehave").config(serde_json::json!({"fail_init": true})))
+        .to_toml();
     let (ok, err) = stderr_of(&["check-config"], &config);
     assert!(!ok);
     assert!(

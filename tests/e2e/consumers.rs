@@ -11,14 +11,6 @@ use sluice::tools::mock::Flavor;
 
 use crate::common::*;
 
-/// A `[[consumers]]` entry with `key`'s hash and extra lines.
-pub fn consumer(name: &str, key: &str, extra: &str) -> String {
-    format!(
-        "[[consumers]]\nname = {name:?}\nkey_hashes = [{:?}]\n{extra}\n",
-        hash_key(key)
-    )
-}
-
 async fn chat_as(
     client: &reqwest::Client,
     sluice: &Sluice,
@@ -49,14 +41,16 @@ async fn fresh_minute() {
 async fn keys_are_checked_and_consumers_reach_policies_and_records() {
     let vm01 = mock("vm01", &["m", "secret-model"]).await;
     let alice = mock("alice", &["m"]).await;
-    let sluice = Sluice::start(&format!(
-        "[auth]\nrequired = true\n{}{}{}{}[[policies]]\nname = \"pin\"\nmodule = {:?}\nconfig = {{ default = \"vm01\" }}\n",
-        consumer("alice", "sk-alice", "models = [\"m\"]"),
-        consumer("bob", "sk-bob", "disabled = true"),
-        backend("vm01", &vm01.url(), &["m", "secret-model"], ""),
-        backend("alice", &alice.url(), &["m"], ""),
-        test_guest("pin-backend"),
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .auth_required()
+            .consumer(Consumer::new("alice", "sk-alice").models(["m"]))
+            .consumer(Consumer::new("bob", "sk-bob").set("disabled", true))
+            .backend(Backend::new("vm01", &vm01.url()).models(["m", "secret-model"]))
+            .backend(Backend::new("alice", &alice.url()).models(["m"]))
+            .policy(Policy::guest("pin", "pin-backend").config(json!({"default": "vm01"})))
+            .to_toml(),
+    );
     let client = client();
     let r = chat_as(&client, &sluice, None, &chat("m")).await;
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
@@ -107,11 +101,13 @@ async fn keys_are_checked_and_consumers_reach_policies_and_records() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_creates_rotates_and_disables_consumers() {
     let vm01 = mock("vm01", &["m"]).await;
-    let sluice = Sluice::start(&format!(
-        "[auth]\nrequired = true\n{}{}",
-        consumer("file-made", "sk-file", ""),
-        backend("vm01", &vm01.url(), &["m"], ""),
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .auth_required()
+            .consumer(Consumer::new("file-made", "sk-file"))
+            .backend(Backend::new("vm01", &vm01.url()).models(["m"]))
+            .to_toml(),
+    );
     let client = client();
     let created: Value = {
         let r = client
@@ -216,11 +212,12 @@ async fn a_token_limit_holds_under_a_hundred_concurrent_requests() {
     ))
     .await;
     const LIMIT: u64 = 400;
-    let sluice = Sluice::start(&format!(
-        "{}{}",
-        consumer("dave", "sk-dave", &format!("tokens_per_minute = {LIMIT}")),
-        backend("vm01", &vm01.url(), &["m"], ""),
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .consumer(Consumer::new("dave", "sk-dave").set("tokens_per_minute", LIMIT as i64))
+            .backend(Backend::new("vm01", &vm01.url()).models(["m"]))
+            .to_toml(),
+    );
     let client = client();
     fresh_minute().await;
     let mut body = chat("m");
@@ -340,13 +337,14 @@ async fn two_replicas_share_one_limit_through_redis() {
     let vm01 = mock("vm01", &["m"]).await;
     let mut redis = Redis::start();
     let config = |on_error: &str| {
-        format!(
-            "[limits]\nredis_url = {:?}\non_store_error = {on_error:?}\nredis_timeout = \"300ms\"\n{}{}{}",
-            redis.url(),
-            consumer("erin", "sk-erin", "requests_per_minute = 10"),
-            consumer("fred", "sk-fred", "tokens_per_day = 100000"),
-            backend("vm01", &vm01.url(), &["m"], ""),
-        )
+        Config::new()
+            .set("limits", "redis_url", redis.url())
+            .set("limits", "on_store_error", on_error)
+            .set("limits", "redis_timeout", "300ms")
+            .consumer(Consumer::new("erin", "sk-erin").set("requests_per_minute", 10))
+            .consumer(Consumer::new("fred", "sk-fred").set("tokens_per_day", 100000))
+            .backend(Backend::new("vm01", &vm01.url()).models(["m"]))
+            .to_toml()
     };
     let a = Sluice::start(&config("fail-closed"));
     let b = Sluice::start(&config("fail-open"));
@@ -474,12 +472,14 @@ fn redis_command(redis: &Redis, args: &[&str]) -> String {
 async fn a_concurrency_slot_comes_back_after_the_store_missed_its_release() {
     let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 50, 40)).await;
     let redis = Redis::start();
-    let sluice = Sluice::start(&format!(
-        "[limits]\nredis_url = {:?}\nredis_timeout = \"200ms\"\n{}{}",
-        redis.url(),
-        consumer("gail", "sk-gail", "max_concurrent_requests = 1"),
-        backend("vm01", &vm01.url(), &["m"], ""),
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .set("limits", "redis_url", redis.url())
+            .set("limits", "redis_timeout", "200ms")
+            .consumer(Consumer::new("gail", "sk-gail").set("max_concurrent_requests", 1))
+            .backend(Backend::new("vm01", &vm01.url()).models(["m"]))
+            .to_toml(),
+    );
     let client = client();
     let first = chat_as(&client, &sluice, Some("sk-gail"), &stream_chat("m")).await;
     assert_eq!(first.status(), 200);

@@ -11,13 +11,13 @@ use sluice::tools::mock::Flavor;
 
 use crate::common::*;
 
-pub fn pinned(vm01: &str, vm02: &str, default: &str) -> String {
-    format!(
-        "{}{}[[policies]]\nname = \"pin\"\nmodule = {:?}\nconfig = {{ default = {default:?} }}\n",
-        backend("vm01", vm01, &["m"], ""),
-        backend("vm02", vm02, &["m"], ""),
-        test_guest("pin-backend"),
-    )
+/// vm01 and vm02 serving `m`, routed by the pinning test guest `pin`
+/// (to `default` unless a request asks otherwise).
+pub fn pinned(vm01: &str, vm02: &str, default: &str) -> Config {
+    Config::new()
+        .backend(Backend::new("vm01", vm01).models(["m"]))
+        .backend(Backend::new("vm02", vm02).models(["m"]))
+        .policy(Policy::guest("pin", "pin-backend").config(json!({"default": default})))
 }
 
 /// The answer's text, from a streamed or a whole answer.
@@ -94,10 +94,9 @@ async fn a_hundred_deploys_under_load_fail_no_request() {
     let vm02 = mock_with(paced("vm02", &["m"], Flavor::Ollama, 3, 6)).await;
     // What is measured is deploys, not CPU starvation: on a loaded 2-core
     // machine a policy call can wait past the default 50 ms for a core.
-    let config = format!(
-        "[policy_runtime]\ntimeout = \"1s\"\n{}",
-        pinned(&vm01.url(), &vm02.url(), "vm01")
-    );
+    let config = pinned(&vm01.url(), &vm02.url(), "vm01")
+        .set("policy_runtime", "timeout", "1s")
+        .to_toml();
     let sluice = Arc::new(Sluice::start(&config));
     let client = client();
     let stop = Arc::new(AtomicBool::new(false));
@@ -198,7 +197,7 @@ async fn a_hundred_deploys_under_load_fail_no_request() {
 async fn bad_deploys_are_refused_and_the_old_version_keeps_serving() {
     let vm01 = mock("vm01", &["m"]).await;
     let vm02 = mock("vm02", &["m"]).await;
-    let sluice = Sluice::start(&pinned(&vm01.url(), &vm02.url(), "vm01"));
+    let sluice = Sluice::start(&pinned(&vm01.url(), &vm02.url(), "vm01").to_toml());
     let client = client();
     let empty_component = b"\0asm\x0d\0\x01\0".to_vec();
     let core_module = b"\0asm\x01\0\0\0".to_vec();
@@ -316,7 +315,7 @@ async fn the_admin_api_needs_its_token() {
 async fn rollback_remove_and_restart() {
     let vm01 = mock("vm01", &["m"]).await;
     let vm02 = mock("vm02", &["m"]).await;
-    let sluice = Sluice::start(&pinned(&vm01.url(), &vm02.url(), "vm01"));
+    let sluice = Sluice::start(&pinned(&vm01.url(), &vm02.url(), "vm01").to_toml());
     let client = client();
     assert_eq!(
         deploy(
@@ -412,7 +411,7 @@ async fn rollback_remove_and_restart() {
 async fn a_shadow_reports_its_differences_then_is_promoted() {
     let vm01 = mock("vm01", &["m"]).await;
     let vm02 = mock("vm02", &["m"]).await;
-    let sluice = Sluice::start(&pinned(&vm01.url(), &vm02.url(), "vm01"));
+    let sluice = Sluice::start(&pinned(&vm01.url(), &vm02.url(), "vm01").to_toml());
     let client = client();
     let shadow = deploy(
         &client,
@@ -469,10 +468,10 @@ async fn a_shadow_reports_its_differences_then_is_promoted() {
 async fn a_file_dropped_in_the_watched_directory_is_deployed() {
     let vm01 = mock("vm01", &["m"]).await;
     let vm02 = mock("vm02", &["m"]).await;
-    let config = format!(
-        "[policy_store]\nwatch_dir = \"drop\"\nwatch_interval = \"100ms\"\n{}",
-        pinned(&vm01.url(), &vm02.url(), "vm01")
-    );
+    let config = pinned(&vm01.url(), &vm02.url(), "vm01")
+        .set("policy_store", "watch_dir", "drop")
+        .set("policy_store", "watch_interval", "100ms")
+        .to_toml();
     let sluice = Sluice::start(&config);
     let client = client();
     assert_eq!(served_by(&client, &sluice).await, "vm01");
@@ -507,7 +506,7 @@ async fn the_cli_deploys_lists_and_rolls_back() {
     let vm01 = mock("vm01", &["m"]).await;
     let vm02 = mock("vm02", &["m"]).await;
     let sluice = Sluice::start_with(
-        &pinned(&vm01.url(), &vm02.url(), "vm01"),
+        &pinned(&vm01.url(), &vm02.url(), "vm01").to_toml(),
         &[("SLUICE_ADMIN_TOKEN", "tok")],
     );
     let client = client();
@@ -557,7 +556,7 @@ async fn memory_stays_flat_over_many_deploys() {
     );
     let vm01 = mock("vm01", &["m"]).await;
     let vm02 = mock("vm02", &["m"]).await;
-    let sluice = Sluice::start(&pinned(&vm01.url(), &vm02.url(), "vm01"));
+    let sluice = Sluice::start(&pinned(&vm01.url(), &vm02.url(), "vm01").to_toml());
     let client = client();
     let bytes = module("pin-backend");
     let mut after_warmup = 0;

@@ -12,10 +12,12 @@ use crate::common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_errors() {
     let vm01 = mock("vm01", &["m"]).await;
-    let sluice = Sluice::start(&format!(
-        "[server]\nmax_body_bytes = \"64KiB\"\n{}",
-        backend("vm01", &vm01.url(), &["m"], "")
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .server("max_body_bytes", "64KiB")
+            .backend(Backend::new("vm01", &vm01.url()).models(["m"]))
+            .to_toml(),
+    );
     let client = client();
     let post = |body: Vec<u8>| {
         client
@@ -142,11 +144,12 @@ async fn dead_backend_fails_over_to_the_next_target() {
         .local_addr()
         .unwrap();
     let vm02 = mock("vm02", &["m"]).await;
-    let sluice = Sluice::start(&format!(
-        "{}{}",
-        backend("vm01", &format!("http://{closed}"), &["m"], ""),
-        backend("vm02", &vm02.url(), &["m"], "")
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .backend(Backend::new("vm01", &format!("http://{closed}")).models(["m"]))
+            .backend(Backend::new("vm02", &vm02.url()).models(["m"]))
+            .to_toml(),
+    );
     let client = client();
     for _ in 0..20 {
         let response = client
@@ -164,10 +167,12 @@ async fn dead_backend_fails_over_to_the_next_target() {
 async fn hung_backend_is_504() {
     let vm01 = mock("vm01", &["m"]).await;
     vm01.stats.header_delay_ms.store(5_000, Ordering::Relaxed);
-    let sluice = Sluice::start(&format!(
-        "[server]\nresponse_timeout = \"300ms\"\n{}",
-        backend("vm01", &vm01.url(), &["m"], "")
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .server("response_timeout", "300ms")
+            .backend(Backend::new("vm01", &vm01.url()).models(["m"]))
+            .to_toml(),
+    );
     let started = std::time::Instant::now();
     let response = client()
         .post(sluice.url("/v1/chat/completions"))
@@ -185,10 +190,17 @@ async fn hung_backend_is_504() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_backend_queues_within_bounds() {
     let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 100, 10)).await;
-    let sluice = Sluice::start(&format!(
-        "[server]\nqueue_timeout = \"300ms\"\nmax_queue = 1\n{}",
-        backend("vm01", &vm01.url(), &["m"], "max_concurrent_requests = 1")
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .server("queue_timeout", "300ms")
+            .server("max_queue", 1)
+            .backend(
+                Backend::new("vm01", &vm01.url())
+                    .models(["m"])
+                    .max_concurrent_requests(1),
+            )
+            .to_toml(),
+    );
     let client = client();
     let body = stream_chat("m");
     let holding = sluice.post_chat(&client, &body).await;
@@ -230,11 +242,11 @@ async fn a_full_backend_queues_within_bounds() {
 async fn twenty_streams_queue_behind_two_slots_each() {
     let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 20, 8)).await;
     let vm02 = mock_with(paced("vm02", &["m"], Flavor::Ollama, 20, 8)).await;
-    let sluice = Sluice::start(&format!(
-        "{}{}",
-        backend("vm01", &vm01.url(), &["m"], "max_concurrent_requests = 2"),
-        backend("vm02", &vm02.url(), &["m"], "max_concurrent_requests = 2")
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .two_backends(&vm01.url(), &vm02.url(), 2)
+            .to_toml(),
+    );
     let client = client();
     let mut streams = Vec::new();
     for _ in 0..20 {
@@ -278,12 +290,15 @@ async fn backend_errors_pass_through() {
 async fn bad_decisions_fail_closed_or_open_as_configured() {
     let vm01 = mock("vm01", &["m"]).await;
     let chain = |on_error: &str| {
-        format!(
-            "{}[[policies]]\nname = \"pin\"\nmodule = {:?}\nconfig = {{ default = \"vm01\" }}\non_error = {on_error:?}\n\
-             [[policies]]\nname = \"router\"\nmodule = \"builtin:model-router\"\n",
-            backend("vm01", &vm01.url(), &["m"], ""),
-            test_guest("pin-backend"),
-        )
+        Config::new()
+            .backend(Backend::new("vm01", &vm01.url()).models(["m"]))
+            .policy(
+                Policy::guest("pin", "pin-backend")
+                    .config(json!({"default": "vm01"}))
+                    .on_error(on_error),
+            )
+            .policy(Policy::builtin("model-router"))
+            .to_toml()
     };
     let closed = Sluice::start(&chain("fail-closed"));
     let response = client()

@@ -12,13 +12,13 @@ use sluice::tools::mock::{MockBackend, MockConfig};
 use crate::common::*;
 
 /// Health checks fast enough for a test.
-const FAST_CHECKS: &str = r#"
-[health_check]
-interval = "100ms"
-timeout = "500ms"
-unhealthy_after = 2
-healthy_after = 2
-"#;
+fn fast_checks() -> Config {
+    Config::new()
+        .set("health_check", "interval", "100ms")
+        .set("health_check", "timeout", "500ms")
+        .set("health_check", "unhealthy_after", 2)
+        .set("health_check", "healthy_after", 2)
+}
 
 /// Starts a mock on `addr` again after it was stopped (the port may take
 /// a moment to be free).
@@ -122,11 +122,11 @@ fn steady_load(
 async fn a_stopped_backend_is_marked_down_and_recovers_by_itself() {
     let vm01 = mock("vm01", &["m"]).await;
     let vm02 = mock("vm02", &["m"]).await;
-    let sluice = Sluice::start(&format!(
-        "{FAST_CHECKS}{}{}",
-        backend("vm01", &vm01.url(), &["m"], "max_concurrent_requests = 2"),
-        backend("vm02", &vm02.url(), &["m"], "max_concurrent_requests = 2"),
-    ));
+    let sluice = Sluice::start(
+        &fast_checks()
+            .two_backends(&vm01.url(), &vm02.url(), 2)
+            .to_toml(),
+    );
     let client = client();
     let (status, report) = health(&client, &sluice).await;
     assert_eq!(status, 200, "{report}");
@@ -176,11 +176,12 @@ async fn a_stopped_backend_is_marked_down_and_recovers_by_itself() {
 async fn health_is_503_when_every_backend_is_down_and_models_lists_healthy_ones() {
     let vm01 = mock("vm01", &["a"]).await;
     let vm02 = mock("vm02", &["b"]).await;
-    let sluice = Sluice::start(&format!(
-        "{FAST_CHECKS}{}{}",
-        backend("vm01", &vm01.url(), &["a"], ""),
-        backend("vm02", &vm02.url(), &["b"], ""),
-    ));
+    let sluice = Sluice::start(
+        &fast_checks()
+            .backend(Backend::new("vm01", &vm01.url()).models(["a"]))
+            .backend(Backend::new("vm02", &vm02.url()).models(["b"]))
+            .to_toml(),
+    );
     let client = client();
     let ids = |v: Value| -> Vec<String> {
         v["data"]
@@ -220,11 +221,15 @@ async fn a_hung_backend_times_out_and_the_request_moves_on() {
     let vm01 = mock("vm01", &["m"]).await;
     let vm02 = mock("vm02", &["m"]).await;
     vm01.stats.header_delay_ms.store(10_000, Ordering::Relaxed);
-    let sluice = Sluice::start(&format!(
-        "[server]\nresponse_timeout = \"300ms\"\n[health_check]\nenabled = false\n[ejection]\nafter_failures = 1\n{}{}",
-        backend("vm01", &vm01.url(), &["m"], ""),
-        backend("vm02", &vm02.url(), &["m"], ""),
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .server("response_timeout", "300ms")
+            .set("health_check", "enabled", false)
+            .set("ejection", "after_failures", 1)
+            .backend(Backend::new("vm01", &vm01.url()).models(["m"]))
+            .backend(Backend::new("vm02", &vm02.url()).models(["m"]))
+            .to_toml(),
+    );
     let client = client();
     for _ in 0..20 {
         let r = sluice.post_chat(&client, &chat("m")).await;
@@ -254,12 +259,16 @@ async fn retries_follow_the_configured_statuses_and_bound() {
     let vm01 = mock("vm01", &["m"]).await;
     let vm02 = mock("vm02", &["m"]).await;
     let vm03 = mock("vm03", &["m"]).await;
-    let sluice = Sluice::start(&format!(
-        "[retry]\nmax_retries = 1\non_status = [503]\n[ejection]\nafter_failures = 0\n[health_check]\nenabled = false\n{}{}{}",
-        backend("vm01", &vm01.url(), &["m"], ""),
-        backend("vm02", &vm02.url(), &["m"], ""),
-        backend("vm03", &vm03.url(), &["m"], ""),
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .set("retry", "max_retries", 1)
+            .set("retry", "on_status", vec![503])
+            .steady()
+            .backend(Backend::new("vm01", &vm01.url()).models(["m"]))
+            .backend(Backend::new("vm02", &vm02.url()).models(["m"]))
+            .backend(Backend::new("vm03", &vm03.url()).models(["m"]))
+            .to_toml(),
+    );
     let client = client();
     vm01.stats.fail_status.store(503, Ordering::Relaxed);
     for _ in 0..20 {
@@ -313,15 +322,16 @@ async fn retries_follow_the_configured_statuses_and_bound() {
 async fn a_request_marked_not_idempotent_is_never_sent_twice() {
     let vm01 = mock("vm01", &["m"]).await;
     let vm02 = mock("vm02", &["m"]).await;
-    let sluice = Sluice::start(&format!(
-        "[server]\nresponse_timeout = \"500ms\"\n[ejection]\nafter_failures = 0\n\
-         [health_check]\nenabled = false\n{}{}{}\
-         [[policies]]\nname = \"pin\"\nmodule = {:?}\nconfig = {{ default = \"vm01,vm02\" }}\n",
-        backend("vm01", &vm01.url(), &["m"], ""),
-        backend("vm02", &vm02.url(), &["m"], ""),
-        backend("dead", "http://127.0.0.1:9", &["m"], ""),
-        test_guest("pin-backend"),
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .server("response_timeout", "500ms")
+            .steady()
+            .backend(Backend::new("vm01", &vm01.url()).models(["m"]))
+            .backend(Backend::new("vm02", &vm02.url()).models(["m"]))
+            .backend(Backend::new("dead", "http://127.0.0.1:9").models(["m"]))
+            .policy(Policy::guest("pin", "pin-backend").config(json!({"default": "vm01,vm02"})))
+            .to_toml(),
+    );
     let client = client();
     let send = |targets: &'static str, marked: bool| {
         let mut request = client
@@ -373,10 +383,12 @@ async fn a_request_marked_not_idempotent_is_never_sent_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_are_discovered_and_follow_the_backend() {
     let vm01 = mock("vm01", &["glm4-9b"]).await;
-    let sluice = Sluice::start(&format!(
-        "{FAST_CHECKS}[[backends]]\nname = \"vm01\"\nurl = \"{}\"\n",
-        vm01.url()
-    ));
+    // No `models`: they are discovered.
+    let sluice = Sluice::start(
+        &fast_checks()
+            .backend(Backend::new("vm01", &vm01.url()))
+            .to_toml(),
+    );
     let client = client();
     let r = sluice.post_chat(&client, &chat("glm4-9b")).await;
     assert_eq!(r.status(), 200, "discovered before the first request");
@@ -419,23 +431,27 @@ async fn reload_adds_a_backend_under_load_and_refuses_a_bad_file() {
     let vm01 = mock("vm01", &["m"]).await;
     let vm02 = mock("vm02", &["m"]).await;
     let vm03 = mock("vm03", &["m"]).await;
-    let two = format!(
-        "[server]\nreload_interval = \"100ms\"\n{FAST_CHECKS}{}{}",
-        backend("vm01", &vm01.url(), &["m"], "max_concurrent_requests = 4"),
-        backend("vm02", &vm02.url(), &["m"], "max_concurrent_requests = 4"),
-    );
-    let sluice = Sluice::start(&two);
+    let slots = |name: &str, url: &str, n: u32| {
+        Backend::new(name, url)
+            .models(["m"])
+            .max_concurrent_requests(n)
+    };
+    let watched = fast_checks().server("reload_interval", "100ms");
+    let two = |n: u32| {
+        watched
+            .clone()
+            .backend(slots("vm01", &vm01.url(), n))
+            .backend(slots("vm02", &vm02.url(), n))
+    };
+    let sluice = Sluice::start(&two(4).to_toml());
     let config_path = sluice.dir.0.join("sluice.toml");
     let client = client();
     let stop = Arc::new(AtomicBool::new(false));
     let load = steady_load(&sluice, "m", 6, stop.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let three = format!(
-        "{two}{}",
-        backend("vm03", &vm03.url(), &["m"], "max_concurrent_requests = 4")
-    );
-    replace_file(&config_path, &three);
+    let vm03_slots = slots("vm03", &vm03.url(), 4);
+    replace_file(&config_path, &two(4).backend(vm03_slots.clone()).to_toml());
     let start = Instant::now();
     while vm03.stats.requests.load(Ordering::Relaxed) < 20 {
         assert!(
@@ -448,10 +464,12 @@ async fn reload_adds_a_backend_under_load_and_refuses_a_bad_file() {
 
     replace_file(
         &config_path,
-        &three.replace(
-            "max_concurrent_requests = 4\n[[backends]]\nname = \"vm02\"",
-            "max_concurrent_requests = \"lots\"\n[[backends]]\nname = \"vm02\"",
-        ),
+        &watched
+            .clone()
+            .backend(slots("vm01", &vm01.url(), 4).set("max_concurrent_requests", "lots"))
+            .backend(slots("vm02", &vm02.url(), 4))
+            .backend(vm03_slots)
+            .to_toml(),
     );
     let start = Instant::now();
     while !sluice.log().contains("config reload refused") {
@@ -474,11 +492,7 @@ async fn reload_adds_a_backend_under_load_and_refuses_a_bad_file() {
     );
 
     // Back to a valid file: vm03 removed, higher limits.
-    std::fs::write(
-        &config_path,
-        two.replace("max_concurrent_requests = 4", "max_concurrent_requests = 7"),
-    )
-    .unwrap();
+    std::fs::write(&config_path, two(7).to_toml()).unwrap();
     let start = Instant::now();
     while backend_health(&client, &sluice, "vm01").await["max_concurrent"] != 7 {
         assert!(
@@ -517,17 +531,19 @@ async fn reload_adds_a_backend_under_load_and_refuses_a_bad_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_file() {
     let vm01 = mock("vm01", &["m"]).await;
-    let config = format!(
-        "[server]\nreload_interval = \"0s\"\n{}",
-        backend("vm01", &vm01.url(), &["m"], "max_concurrent_requests = 2")
-    );
-    let sluice = Sluice::start(&config);
+    let config = |slots: u32| {
+        Config::new()
+            .server("reload_interval", "0s")
+            .backend(
+                Backend::new("vm01", &vm01.url())
+                    .models(["m"])
+                    .max_concurrent_requests(slots),
+            )
+            .to_toml()
+    };
+    let sluice = Sluice::start(&config(2));
     let client = client();
-    std::fs::write(
-        sluice.dir.0.join("sluice.toml"),
-        config.replace("max_concurrent_requests = 2", "max_concurrent_requests = 5"),
-    )
-    .unwrap();
+    std::fs::write(sluice.dir.0.join("sluice.toml"), config(5)).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         backend_health(&client, &sluice, "vm01").await["max_concurrent"],
@@ -570,11 +586,12 @@ async fn killing_a_full_backend_loses_no_queued_request() {
         10,
     ))
     .await;
-    let sluice = Sluice::start(&format!(
-        "[health_check]\nenabled = false\n{}{}",
-        backend("vm01", &vm01.url(), &["m"], "max_concurrent_requests = 1"),
-        backend("vm02", &vm02.url(), &["m"], "max_concurrent_requests = 1"),
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .set("health_check", "enabled", false)
+            .two_backends(&vm01.url(), &vm02.url(), 1)
+            .to_toml(),
+    );
     let client = client();
     let tasks: Vec<_> = (0..8)
         .map(|_| {

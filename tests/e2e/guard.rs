@@ -11,21 +11,22 @@ use sluice::tools::mock::Flavor;
 
 use crate::common::*;
 
-fn words_policy(config: &str) -> String {
-    format!(
-        "[[policies]]\nname = \"words\"\nmodule = \"builtin:sensitive-words\"\nconfig = {config}\n"
-    )
+/// vm01 serving `m`, behind sensitive-words with this config and the
+/// router.
+fn guarded(url: &str, words: Value) -> String {
+    Config::new()
+        .backend(Backend::new("vm01", url).models(["m"]))
+        .policy(Policy::builtin("sensitive-words").config(words))
+        .policy(Policy::builtin("model-router"))
+        .to_toml()
 }
-
-const ROUTER: &str = "[[policies]]\nname = \"router\"\nmodule = \"builtin:model-router\"\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocked_prompts_never_reach_a_backend() {
     let vm01 = mock("vm01", &["m"]).await;
-    let sluice = Sluice::start(&format!(
-        "{}{}{ROUTER}",
-        backend("vm01", &vm01.url(), &["m"], ""),
-        words_policy(r#"{ words = ["forbidden", "敏感词"], scope = "request" }"#)
+    let sluice = Sluice::start(&guarded(
+        &vm01.url(),
+        json!({"words": ["forbidden", "敏感词"], "scope": "request"}),
     ));
     let client = client();
     for text in ["tell me something FORBIDDEN", "这是一个敏感词测试"] {
@@ -50,10 +51,9 @@ async fn blocked_prompts_never_reach_a_backend() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn masked_prompts_reach_the_backend_masked() {
     let vm01 = mock("vm01", &["m"]).await;
-    let sluice = Sluice::start(&format!(
-        "{}{}{ROUTER}",
-        backend("vm01", &vm01.url(), &["m"], ""),
-        words_policy(r#"{ words = ["secret", "机密"], scope = "request", action = "mask" }"#)
+    let sluice = Sluice::start(&guarded(
+        &vm01.url(),
+        json!({"words": ["secret", "机密"], "scope": "request", "action": "mask"}),
     ));
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "my Secret is 机密 ok"}], "temperature": 0.5});
     let response = sluice.post_chat(&client(), &body).await;
@@ -69,10 +69,9 @@ async fn masked_prompts_reach_the_backend_masked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_word_split_across_chunks_is_masked_in_the_stream() {
     let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 60, 12)).await;
-    let sluice = Sluice::start(&format!(
-        "{}{}{ROUTER}",
-        backend("vm01", &vm01.url(), &["m"], ""),
-        words_policy(r#"{ words = ["quick brown"], scope = "response", action = "mask" }"#)
+    let sluice = Sluice::start(&guarded(
+        &vm01.url(),
+        json!({"words": ["quick brown"], "scope": "response", "action": "mask"}),
     ));
     let started = Instant::now();
     let response = client()
@@ -105,10 +104,9 @@ async fn a_word_split_across_chunks_is_masked_in_the_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocked_word_ends_the_stream_cleanly() {
     let vm01 = mock_with(paced("vm01", &["m"], Flavor::Ollama, 40, 16)).await;
-    let sluice = Sluice::start(&format!(
-        "{}{}{ROUTER}",
-        backend("vm01", &vm01.url(), &["m"], ""),
-        words_policy(r#"{ words = ["brown fox"], scope = "response" }"#)
+    let sluice = Sluice::start(&guarded(
+        &vm01.url(),
+        json!({"words": ["brown fox"], "scope": "response"}),
     ));
     let text = client()
         .post(sluice.url("/v1/chat/completions"))
@@ -136,10 +134,9 @@ async fn a_blocked_word_ends_the_stream_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_streamed_answers_are_masked_or_blocked() {
     let vm01 = mock("vm01", &["m"]).await;
-    let masked = Sluice::start(&format!(
-        "{}{}{ROUTER}",
-        backend("vm01", &vm01.url(), &["m"], ""),
-        words_policy(r#"{ words = ["fox"], patterns = ["l[a-z]zy"], action = "mask" }"#)
+    let masked = Sluice::start(&guarded(
+        &vm01.url(),
+        json!({"words": ["fox"], "patterns": ["l[a-z]zy"], "action": "mask"}),
     ));
     let answer: Value = client()
         .post(masked.url("/v1/chat/completions"))
@@ -157,11 +154,7 @@ async fn non_streamed_answers_are_masked_or_blocked() {
     );
     assert_eq!(answer["usage"]["completion_tokens"], 16);
 
-    let blocked = Sluice::start(&format!(
-        "{}{}{ROUTER}",
-        backend("vm01", &vm01.url(), &["m"], ""),
-        words_policy(r#"{ words = ["FOX"] }"#)
-    ));
+    let blocked = Sluice::start(&guarded(&vm01.url(), json!({"words": ["FOX"]})));
     let response = client()
         .post(blocked.url("/v1/chat/completions"))
         .json(&chat("m"))
@@ -172,12 +165,16 @@ async fn non_streamed_answers_are_masked_or_blocked() {
 }
 
 fn fallback_chain(qwen_url: &str, gemma_url: &str) -> String {
-    format!(
-        "{}{}{}{ROUTER}[[policies]]\nname = \"fallback\"\nmodule = \"builtin:fallback\"\nconfig = {{ fallbacks = {{ qwen2-1-5b = [\"gemma-2-2b\"] }} }}\n",
-        backend("vm01", qwen_url, &["qwen2-1-5b"], ""),
-        backend("vm02", gemma_url, &["gemma-2-2b"], ""),
-        words_policy(r#"{ words = ["forbidden"] }"#),
-    )
+    Config::new()
+        .backend(Backend::new("vm01", qwen_url).models(["qwen2-1-5b"]))
+        .backend(Backend::new("vm02", gemma_url).models(["gemma-2-2b"]))
+        .policy(Policy::builtin("sensitive-words").config(json!({"words": ["forbidden"]})))
+        .policy(Policy::builtin("model-router"))
+        .policy(
+            Policy::builtin("fallback")
+                .config(json!({"fallbacks": {"qwen2-1-5b": ["gemma-2-2b"]}})),
+        )
+        .to_toml()
 }
 
 /// The field's scenario: sensitive-words → model-router → fallback;
@@ -303,12 +300,17 @@ async fn a_backend_dying_mid_stream_ends_it_with_an_error_event() {
     assert_eq!(error["error"]["code"], "backend_stream_error");
 }
 
-fn misbehaving(url: &str, on_error: &str, extra: &str) -> String {
-    format!(
-        "{extra}{}[[policies]]\nname = \"bad\"\nmodule = {:?}\non_error = {on_error:?}\n{ROUTER}",
-        backend("vm01", url, &["m"], ""),
-        test_guest("misbehave"),
-    )
+/// vm01 serving `m`, behind `bad` (see [`bad`]) and the router.
+fn misbehaving(url: &str, bad: Policy) -> Config {
+    Config::new()
+        .backend(Backend::new("vm01", url).models(["m"]))
+        .policy(bad)
+        .policy(Policy::builtin("model-router"))
+}
+
+/// The `misbehave` guest, named `bad`, with this `on_error`.
+fn bad(on_error: &str) -> Policy {
+    Policy::guest("bad", "misbehave").on_error(on_error)
 }
 
 /// Each kind of bad guest costs its own request a clear 503 naming the
@@ -317,11 +319,11 @@ fn misbehaving(url: &str, on_error: &str, extra: &str) -> String {
 async fn bad_guests_fail_closed_with_a_clear_error() {
     let vm01 = mock("vm01", &["m"]).await;
     // A small memory cap, so the memory bomb hits it well before its timeout.
-    let sluice = Sluice::start(&misbehaving(
-        &vm01.url(),
-        "fail-closed",
-        "[policy_runtime]\nmemory_limit = \"8MiB\"\n",
-    ));
+    let sluice = Sluice::start(
+        &misbehaving(&vm01.url(), bad("fail-closed"))
+            .set("policy_runtime", "memory_limit", "8MiB")
+            .to_toml(),
+    );
     let client = client();
     for (behaviour, expected) in [
         ("trap", "it trapped"),
@@ -392,7 +394,7 @@ async fn bad_guests_fail_closed_with_a_clear_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fail_open_guest_is_skipped() {
     let vm01 = mock("vm01", &["m"]).await;
-    let sluice = Sluice::start(&misbehaving(&vm01.url(), "fail-open", ""));
+    let sluice = Sluice::start(&misbehaving(&vm01.url(), bad("fail-open")).to_toml());
     for behaviour in ["trap", "loop", "oom"] {
         let response = client()
             .post(sluice.url("/v1/chat/completions"))
@@ -410,11 +412,11 @@ async fn a_fail_open_guest_is_skipped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn looping_guests_do_not_stall_other_requests() {
     let vm01 = mock("vm01", &["m"]).await;
-    let sluice = Sluice::start(&misbehaving(
-        &vm01.url(),
-        "fail-closed",
-        "[policy_runtime]\ntimeout = \"1500ms\"\n",
-    ));
+    let sluice = Sluice::start(
+        &misbehaving(&vm01.url(), bad("fail-closed"))
+            .set("policy_runtime", "timeout", "1500ms")
+            .to_toml(),
+    );
     let client = client();
     let mut loops = Vec::new();
     for _ in 0..4 {
@@ -458,11 +460,11 @@ async fn looping_guests_do_not_stall_other_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_for_a_busy_executor_does_not_time_a_guest_out() {
     let vm01 = mock("vm01", &["m"]).await;
-    let sluice = Sluice::start(&misbehaving(
-        &vm01.url(),
-        "fail-closed",
-        "[policy_runtime]\ntimeout = \"60ms\"\n",
-    ));
+    let sluice = Sluice::start(
+        &misbehaving(&vm01.url(), bad("fail-closed"))
+            .set("policy_runtime", "timeout", "60ms")
+            .to_toml(),
+    );
     let client = client();
     let calls = (0..100).map(|_| {
         let (client, url) = (client.clone(), sluice.url("/v1/chat/completions"));
@@ -495,11 +497,13 @@ async fn a_trapping_response_filter_ends_the_stream_cleanly() {
     let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 5, 8)).await;
     let mut body = stream_chat("m");
     body["messages"][0]["content"] = json!("hi");
-    let sluice = Sluice::start(&format!(
-        "{}[[policies]]\nname = \"bad\"\nmodule = {:?}\nconfig = {{ response = \"trap\" }}\n{ROUTER}",
-        backend("vm01", &vm01.url(), &["m"], ""),
-        test_guest("misbehave"),
-    ));
+    let sluice = Sluice::start(
+        &misbehaving(
+            &vm01.url(),
+            Policy::guest("bad", "misbehave").config(json!({"response": "trap"})),
+        )
+        .to_toml(),
+    );
     // The mock's answer contains no "boom": the filter passes everything.
     let text = sluice
         .post_chat(&client(), &body)
@@ -523,13 +527,10 @@ async fn a_kept_response_instance_times_each_call_on_its_own() {
     let sluice = Sluice::start(
         &misbehaving(
             &vm01.url(),
-            "fail-closed",
-            "[policy_runtime]\ntimeout = \"60ms\"\n",
+            bad("fail-closed").config(json!({"response": "stop", "response_work": 2})),
         )
-        .replace(
-            "on_error = \"fail-closed\"",
-            "on_error = \"fail-closed\"\nconfig = { response = \"stop\", response_work = 2 }",
-        ),
+        .set("policy_runtime", "timeout", "60ms")
+        .to_toml(),
     );
     let client = client();
     let response = sluice.post_chat(&client, &stream_chat("m")).await;
@@ -562,10 +563,9 @@ async fn a_kept_response_instance_times_each_call_on_its_own() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_stream_is_filtered_whole_across_kept_instances() {
     let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 1, 600)).await;
-    let sluice = Sluice::start(&format!(
-        "{}{}{ROUTER}",
-        backend("vm01", &vm01.url(), &["m"], ""),
-        words_policy(r#"{ words = ["quick brown"], scope = "response", action = "mask" }"#)
+    let sluice = Sluice::start(&guarded(
+        &vm01.url(),
+        json!({"words": ["quick brown"], "scope": "response", "action": "mask"}),
     ));
     let text = sluice
         .post_chat(&client(), &stream_chat("m"))
@@ -590,12 +590,13 @@ async fn a_long_stream_is_filtered_whole_across_kept_instances() {
 async fn a_policy_built_against_contract_0_1_still_works() {
     let vm01 = mock("vm01", &["m"]).await;
     let vm02 = mock("vm02", &["m"]).await;
-    let sluice = Sluice::start(&format!(
-        "{}{}[[policies]]\nname = \"legacy\"\nmodule = {:?}\n",
-        backend("vm01", &vm01.url(), &["m"], ""),
-        backend("vm02", &vm02.url(), &["m"], ""),
-        test_guest("legacy-router"),
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .backend(Backend::new("vm01", &vm01.url()).models(["m"]))
+            .backend(Backend::new("vm02", &vm02.url()).models(["m"]))
+            .policy(Policy::guest("legacy", "legacy-router"))
+            .to_toml(),
+    );
     let client = client();
     for _ in 0..10 {
         let response = client
@@ -627,11 +628,13 @@ async fn a_policy_built_against_contract_0_2_0_still_works() {
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/fixtures/pin_backend-0.2.0.wasm"
     );
-    let sluice = Sluice::start(&format!(
-        "{}{}[[policies]]\nname = \"pin\"\nmodule = {fixture:?}\nconfig = {{ default = \"vm02\" }}\n",
-        backend("vm01", &vm01.url(), &["m"], ""),
-        backend("vm02", &vm02.url(), &["m"], ""),
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .backend(Backend::new("vm01", &vm01.url()).models(["m"]))
+            .backend(Backend::new("vm02", &vm02.url()).models(["m"]))
+            .policy(Policy::new("pin", fixture).config(json!({"default": "vm02"})))
+            .to_toml(),
+    );
     let client = client();
     let pinned = |backend: &'static str| {
         client

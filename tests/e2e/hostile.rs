@@ -11,7 +11,7 @@ use futures_util::future::join_all;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
-use crate::abuse::{fake, rss_kib, send};
+use crate::common::fake_backend::{fake, send};
 use crate::common::*;
 
 /// The `sluice::access` lines of a log.
@@ -41,11 +41,11 @@ async fn until_access_lines(sluice: &Sluice, n: usize) -> String {
 async fn a_huge_model_name_is_refused_and_leaves_no_trace() {
     let ok = mock("ok", &["ok"]).await;
     let sluice = Sluice::start_with(
-        &format!(
-            "[auth]\nrequired = true\n[[consumers]]\nname = \"alice\"\nkey_hashes = [{:?}]\nmodels = [\"ok\"]\n{}",
-            sluice::accounts::consumers::hash_key("sk-alice"),
-            backend("ok", &ok.url(), &["ok"], "")
-        ),
+        &Config::new()
+            .auth_required()
+            .consumer(Consumer::new("alice", "sk-alice").models(["ok"]))
+            .backend(Backend::new("ok", &ok.url()).models(["ok"]))
+            .to_toml(),
         &[("RUST_LOG", "info")],
     );
     let client = client();
@@ -132,14 +132,14 @@ async fn a_model_name_cannot_forge_a_log_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_model_list_needs_a_key_and_shows_only_its_models() {
     let both = mock("both", &["a", "b"]).await;
-    let sluice = Sluice::start(&format!(
-        "[auth]\nrequired = true\n\
-         [[consumers]]\nname = \"alice\"\nkey_hashes = [{:?}]\nmodels = [\"a\"]\n\
-         [[consumers]]\nname = \"bob\"\nkey_hashes = [{:?}]\n{}",
-        sluice::accounts::consumers::hash_key("sk-alice"),
-        sluice::accounts::consumers::hash_key("sk-bob"),
-        backend("both", &both.url(), &["a", "b"], "")
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .auth_required()
+            .consumer(Consumer::new("alice", "sk-alice").models(["a"]))
+            .consumer(Consumer::new("bob", "sk-bob"))
+            .backend(Backend::new("both", &both.url()).models(["a", "b"]))
+            .to_toml(),
+    );
     let client = client();
     let list = |key: Option<&'static str>| {
         let mut request = client.get(sluice.url("/v1/models"));
@@ -201,16 +201,7 @@ async fn the_admin_api_takes_bearer_in_any_case() {
 fn refused_serve(config: &str, admin_listen: &str, env: &[(&str, &str)]) -> String {
     let dir = TempDir::new();
     let path = dir.write("sluice.toml", config);
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            admin_listen,
-            "--config",
-        ])
-        .arg(&path)
+    let mut child = serve_command(&path, admin_listen)
         .env_remove("SLUICE_ADMIN_TOKEN")
         .envs(env.iter().copied())
         .stdout(Stdio::null())
@@ -234,24 +225,29 @@ fn refused_serve(config: &str, admin_listen: &str, env: &[(&str, &str)]) -> Stri
 /// at start naming where the token came from.
 #[test]
 fn admin_tokens_must_be_real() {
-    let fleet = backend("vm01", "http://127.0.0.1:9", &["m"], "");
-    let stderr = refused_serve(&fleet, "127.0.0.1:0", &[("SLUICE_ADMIN_TOKEN", " \t")]);
+    let fleet = Config::new().backend(Backend::new("vm01", "http://127.0.0.1:9").models(["m"]));
+    let stderr = refused_serve(
+        &fleet.to_toml(),
+        "127.0.0.1:0",
+        &[("SLUICE_ADMIN_TOKEN", " \t")],
+    );
     assert!(
         stderr.contains("SLUICE_ADMIN_TOKEN") && stderr.contains("whitespace"),
         "{stderr}"
     );
-    let stderr = refused_serve(&fleet, "0.0.0.0:0", &[("SLUICE_ADMIN_TOKEN", "x")]);
+    let stderr = refused_serve(
+        &fleet.to_toml(),
+        "0.0.0.0:0",
+        &[("SLUICE_ADMIN_TOKEN", "x")],
+    );
     assert!(
         stderr.contains("SLUICE_ADMIN_TOKEN") && stderr.contains("at least 16"),
         "{stderr}"
     );
     let dir = TempDir::new();
     let file = dir.write("admin.token", "  \n");
-    let with_file = format!(
-        "[server]\nadmin_token_file = {:?}\n{fleet}",
-        file.display().to_string()
-    );
-    let stderr = refused_serve(&with_file, "127.0.0.1:0", &[]);
+    let with_file = fleet.server("admin_token_file", file.display().to_string());
+    let stderr = refused_serve(&with_file.to_toml(), "127.0.0.1:0", &[]);
     assert!(stderr.contains("server.admin_token_file"), "{stderr}");
 }
 
@@ -292,23 +288,22 @@ async fn names_outside_the_pattern_are_refused_everywhere() {
         assert_eq!(response.status(), 400, "{name}");
     }
     let dir = TempDir::new();
+    let fleet = Config::new().backend(Backend::new("vm01", "http://127.0.0.1:9").models(["m"]));
     for (config, key) in [
         (
-            format!(
-                "[[consumers]]\nname = \"..\"\nkey_hashes = []\n{}",
-                backend("vm01", "http://127.0.0.1:9", &["m"], "")
-            ),
+            fleet
+                .clone()
+                .consumer(Consumer::new("..", "sk-dots").set("key_hashes", Vec::<String>::new())),
             "consumers[0].name",
         ),
         (
-            format!(
-                "[[policies]]\nname = \".hidden\"\nmodule = \"builtin:model-router\"\n{}",
-                backend("vm01", "http://127.0.0.1:9", &["m"], "")
-            ),
+            fleet
+                .clone()
+                .policy(Policy::new(".hidden", "builtin:model-router")),
             "policies[0].name",
         ),
     ] {
-        let path = dir.write("sluice.toml", config);
+        let path = dir.write("sluice.toml", config.to_toml());
         let out = run_sluice(&["check-config"], Some(&path));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && stderr.contains(key), "{stderr}");
@@ -429,10 +424,12 @@ async fn the_backend_software_is_not_announced() {
         send(&mut stream, head + &body).await;
     })
     .await;
-    let sluice = Sluice::start(&format!(
-        "[health_check]\nenabled = false\n{}",
-        backend("fake", &fake.url(), &["m"], "")
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .set("health_check", "enabled", false)
+            .backend(Backend::new("fake", &fake.url()).models(["m"]))
+            .to_toml(),
+    );
     let response = sluice.post_chat(&client(), &chat("m")).await;
     assert_eq!(response.status(), 200);
     assert!(
@@ -456,10 +453,12 @@ async fn a_stream_answered_with_html_becomes_an_api_error() {
         send(&mut stream, head + body).await;
     })
     .await;
-    let sluice = Sluice::start(&format!(
-        "[health_check]\nenabled = false\n{}",
-        backend("fake", &fake.url(), &["m"], "")
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .set("health_check", "enabled", false)
+            .backend(Backend::new("fake", &fake.url()).models(["m"]))
+            .to_toml(),
+    );
     let response = sluice.post_chat(&client(), &stream_chat("m")).await;
     let body = expect_error(response, 502, "backend_error").await;
     let message = body["error"]["message"].as_str().unwrap();

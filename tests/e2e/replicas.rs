@@ -8,27 +8,29 @@ use futures_util::StreamExt;
 use sluice::tools::mock::Flavor;
 
 use crate::common::*;
-use crate::consumers::{consumer, Redis};
+use crate::consumers::Redis;
 use crate::deploy::{config_query, deploy, module, pinned, served_by};
 
 /// Three replicas sharing `state` and `redis`, routing with the pinning
 /// test guest (default vm01).
-fn three(state: &TempDir, redis: &Redis, vm01: &str, vm02: &str, extra: &str) -> Vec<Sluice> {
-    let config = replica_config(state, redis, vm01, vm02, extra);
+fn three(state: &TempDir, redis: &Redis, vm01: &str, vm02: &str) -> Vec<Sluice> {
+    start_three(&replica_config(state, redis, vm01, vm02))
+}
+
+fn start_three(config: &Config) -> Vec<Sluice> {
+    let config = config.to_toml();
     (0..3).map(|_| Sluice::start(&config)).collect()
 }
 
 /// One replica's config, as [`three`] starts them.
-fn replica_config(state: &TempDir, redis: &Redis, vm01: &str, vm02: &str, extra: &str) -> String {
-    format!(
-        "[server]\nunready_delay = \"500ms\"\nshutdown_timeout = \"20s\"\n\
-         [policy_store]\nstate_dir = {:?}\nsync_interval = \"200ms\"\n\
-         [limits]\nredis_url = {:?}\n{extra}{}{}",
-        state.0.display().to_string(),
-        redis.url(),
-        consumer("team", "sk-team", "requests_per_minute = 100000"),
-        pinned(vm01, vm02, "vm01"),
-    )
+fn replica_config(state: &TempDir, redis: &Redis, vm01: &str, vm02: &str) -> Config {
+    pinned(vm01, vm02, "vm01")
+        .server("unready_delay", "500ms")
+        .server("shutdown_timeout", "20s")
+        .set("policy_store", "state_dir", state.0.display().to_string())
+        .set("policy_store", "sync_interval", "200ms")
+        .set("limits", "redis_url", redis.url())
+        .consumer(Consumer::new("team", "sk-team").set("requests_per_minute", 100000))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,7 +38,7 @@ async fn a_policy_deployed_to_one_replica_serves_on_all() {
     let vm01 = mock("vm01", &["m"]).await;
     let vm02 = mock("vm02", &["m"]).await;
     let (state, redis) = (TempDir::new(), Redis::start());
-    let replicas = three(&state, &redis, &vm01.url(), &vm02.url(), "");
+    let replicas = three(&state, &redis, &vm01.url(), &vm02.url());
     let client = client();
     for r in &replicas {
         assert_eq!(served_by(&client, r).await, "vm01");
@@ -89,7 +91,7 @@ async fn sigterm_drains_streams_while_the_other_replicas_serve() {
     let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 50, 40)).await;
     let vm02 = mock("vm02", &["m"]).await;
     let (state, redis) = (TempDir::new(), Redis::start());
-    let mut replicas = three(&state, &redis, &vm01.url(), &vm02.url(), "");
+    let mut replicas = three(&state, &redis, &vm01.url(), &vm02.url());
     let client = client();
     let streams: Vec<_> = (0..12)
         .map(|_| {
@@ -154,11 +156,11 @@ async fn usage_from_every_replica_is_totalled_on_each() {
     let vm01 = mock("vm01", &["m"]).await;
     let vm02 = mock("vm02", &["m"]).await;
     let (state, mut redis) = (TempDir::new(), Redis::start());
-    let usage = format!(
-        "[usage]\nredis_url = {:?}\nsync_interval = \"100ms\"\n",
-        redis.url()
+    let replicas = start_three(
+        &replica_config(&state, &redis, &vm01.url(), &vm02.url())
+            .set("usage", "redis_url", redis.url())
+            .set("usage", "sync_interval", "100ms"),
     );
-    let replicas = three(&state, &redis, &vm01.url(), &vm02.url(), &usage);
     let client = client();
     let chat_on = |r: usize| {
         let request = client
@@ -269,14 +271,12 @@ async fn a_stopping_replica_ships_its_last_usage_records() {
     let vm01 = mock("vm01", &["m"]).await;
     let vm02 = mock("vm02", &["m"]).await;
     let (state, redis) = (TempDir::new(), Redis::start());
-    let usage = |interval: &str| {
-        format!(
-            "[usage]\nredis_url = {:?}\nsync_interval = {interval:?}\n",
-            redis.url()
-        )
+    let config = |interval: &str| {
+        replica_config(&state, &redis, &vm01.url(), &vm02.url())
+            .set("usage", "redis_url", redis.url())
+            .set("usage", "sync_interval", interval)
+            .to_toml()
     };
-    let config =
-        |interval: &str| replica_config(&state, &redis, &vm01.url(), &vm02.url(), &usage(interval));
     let mut slow = Sluice::start(&config("1h"));
     let watcher = Sluice::start(&config("100ms"));
     let client = client();

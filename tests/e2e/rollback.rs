@@ -14,13 +14,12 @@ use crate::common::*;
 /// `router` is `builtin:model-router` as version 1; `m` resolves to
 /// `only1`, which only vm01 serves. Versions deployed later are the
 /// pinning guest, sending everything to their `default`.
-fn router_config(backends: &[&MockBackend], extra: &str) -> String {
-    format!(
-        "{extra}{}{}{}[[policies]]\nname = \"router\"\nmodule = \"builtin:model-router\"\nconfig = {{ aliases = {{ m = \"only1\" }} }}\n",
-        backend("vm01", &backends[0].url(), &["m", "only1"], ""),
-        backend("vm02", &backends[1].url(), &["m"], ""),
-        backend("vm03", &backends[2].url(), &["m"], ""),
-    )
+fn router_config(backends: &[&MockBackend]) -> Config {
+    Config::new()
+        .backend(Backend::new("vm01", &backends[0].url()).models(["m", "only1"]))
+        .backend(Backend::new("vm02", &backends[1].url()).models(["m"]))
+        .backend(Backend::new("vm03", &backends[2].url()).models(["m"]))
+        .policy(Policy::builtin("model-router").config(json!({"aliases": {"m": "only1"}})))
 }
 
 async fn three_backends() -> [MockBackend; 3] {
@@ -149,7 +148,7 @@ fn steps(list: &[(u64, &str)]) -> Vec<(u64, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_after_a_rejected_deploy_returns_to_what_served_before() {
     let backends = three_backends().await;
-    let sluice = Sluice::start(&router_config(&backends.each_ref(), ""));
+    let sluice = Sluice::start(&router_config(&backends.each_ref()).to_toml());
     let client = client();
     assert_eq!(serving(&client, &sluice).await, "vm01", "v1: the builtin");
 
@@ -205,11 +204,10 @@ async fn rollback_after_a_rejected_deploy_returns_to_what_served_before() {
 async fn replicas_sharing_a_state_directory_agree_on_the_history() {
     let backends = three_backends().await;
     let state = TempDir::new();
-    let extra = format!(
-        "[policy_store]\nstate_dir = {:?}\nsync_interval = \"100ms\"\n",
-        state.0.display().to_string()
-    );
-    let config = router_config(&backends.each_ref(), &extra);
+    let config = router_config(&backends.each_ref())
+        .set("policy_store", "state_dir", state.0.display().to_string())
+        .set("policy_store", "sync_interval", "100ms")
+        .to_toml();
     let replicas = [Sluice::start(&config), Sluice::start(&config)];
     let client = client();
     for r in &replicas {
@@ -280,7 +278,7 @@ async fn replicas_sharing_a_state_directory_agree_on_the_history() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_after_a_restart_walks_the_saved_history() {
     let backends = three_backends().await;
-    let sluice = Sluice::start(&router_config(&backends.each_ref(), ""));
+    let sluice = Sluice::start(&router_config(&backends.each_ref()).to_toml());
     let client = client();
     assert_eq!(deploy_pin(&client, &sluice, "vm02").await, 2);
     assert_eq!(rollback(&client, &sluice).await, 1);
@@ -323,7 +321,7 @@ async fn rollback_after_a_restart_walks_the_saved_history() {
 async fn a_version_is_activated_by_number() {
     let backends = three_backends().await;
     let sluice = Sluice::start_with(
-        &router_config(&backends.each_ref(), ""),
+        &router_config(&backends.each_ref()).to_toml(),
         &[("SLUICE_ADMIN_TOKEN", "tok")],
     );
     let client = reqwest::Client::builder()
@@ -390,12 +388,11 @@ async fn a_version_is_activated_by_number() {
     assert_eq!(listing["rollback_to"], 3, "{listing}");
 }
 
-fn tools_config(vm01: &MockBackend) -> String {
-    format!(
-        "{}[[workers]]\nname = \"tools\"\nroute = \"/tools/*\"\nmodule = {:?}\n",
-        backend("vm01", &vm01.url(), &["m"], ""),
-        test_guest("spin-tools"),
-    )
+/// vm01 serving `m` and the `tools` worker on `/tools/*` (the spin guest).
+fn tools_config(vm01: &MockBackend) -> Config {
+    Config::new()
+        .backend(Backend::new("vm01", &vm01.url()).models(["m"]))
+        .worker(Worker::guest("tools", "/tools/*", "spin-tools"))
 }
 
 async fn hello(client: &reqwest::Client, sluice: &Sluice) -> String {
@@ -430,7 +427,7 @@ async fn worker_call(client: &reqwest::Client, sluice: &Sluice, path: &str) -> V
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_rollback_undoes_the_last_deploy() {
     let vm01 = mock("vm01", &["m"]).await;
-    let sluice = Sluice::start(&tools_config(&vm01));
+    let sluice = Sluice::start(&tools_config(&vm01).to_toml());
     let client = client();
     let (spin, p2) = ("hello from spin", "hello from p2");
     let rollback = "/admin/workers/tools/rollback";
@@ -540,11 +537,10 @@ async fn until_hello(client: &reqwest::Client, sluice: &Sluice, answer: &str) {
 async fn a_worker_deployed_on_one_replica_serves_on_every_replica() {
     let vm01 = mock("vm01", &["m"]).await;
     let state = TempDir::new();
-    let config = format!(
-        "[policy_store]\nstate_dir = {:?}\nsync_interval = \"100ms\"\n{}",
-        state.0.display().to_string(),
-        tools_config(&vm01)
-    );
+    let config = tools_config(&vm01)
+        .set("policy_store", "state_dir", state.0.display().to_string())
+        .set("policy_store", "sync_interval", "100ms")
+        .to_toml();
     let [a, b] = [Sluice::start(&config), Sluice::start(&config)];
     let client = client();
     let (spin, p2) = ("hello from spin", "hello from p2");

@@ -43,11 +43,12 @@ async fn served_by(
 async fn glm4_spreads_over_both_and_qwen_stays_on_vm01() {
     let vm01 = mock("vm01", &["glm4-9b", "qwen2.5-1.5b"]).await;
     let vm02 = mock("vm02", &["glm4-9b"]).await;
-    let sluice = Sluice::start(&format!(
-        "{}{}",
-        backend("vm01", &vm01.url(), &["glm4-9b", "qwen2.5-1.5b"], ""),
-        backend("vm02", &vm02.url(), &["glm4-9b"], "")
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .backend(Backend::new("vm01", &vm01.url()).models(["glm4-9b", "qwen2.5-1.5b"]))
+            .backend(Backend::new("vm02", &vm02.url()).models(["glm4-9b"]))
+            .to_toml(),
+    );
     let client = client();
 
     let glm = served_by(&client, &sluice, "glm4-9b", 400).await;
@@ -75,11 +76,12 @@ async fn glm4_spreads_over_both_and_qwen_stays_on_vm01() {
 async fn weights_set_the_split() {
     let vm01 = mock("vm01", &["m"]).await;
     let vm02 = mock("vm02", &["m"]).await;
-    let sluice = Sluice::start(&format!(
-        "{}{}",
-        backend("vm01", &vm01.url(), &["m"], "weight = 3"),
-        backend("vm02", &vm02.url(), &["m"], "weight = 1")
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .backend(Backend::new("vm01", &vm01.url()).models(["m"]).weight(3))
+            .backend(Backend::new("vm02", &vm02.url()).models(["m"]).weight(1))
+            .to_toml(),
+    );
     let counts = served_by(&client(), &sluice, "m", 800).await;
     let share = counts["vm01"] as f64 / 800.0;
     assert!(
@@ -99,11 +101,12 @@ async fn weights_hold_with_concurrent_clients() {
     };
     let vm01 = mock_with(pace("vm01")).await;
     let vm02 = mock_with(pace("vm02")).await;
-    let sluice = Sluice::start(&format!(
-        "{}{}",
-        backend("vm01", &vm01.url(), &["m"], "weight = 3"),
-        backend("vm02", &vm02.url(), &["m"], "weight = 1")
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .backend(Backend::new("vm01", &vm01.url()).models(["m"]).weight(3))
+            .backend(Backend::new("vm02", &vm02.url()).models(["m"]).weight(1))
+            .to_toml(),
+    );
     let counts = concurrent_split(&sluice, 8, 60).await;
     let share = counts.get("vm01").copied().unwrap_or(0) as f64 / 480.0;
     assert!(
@@ -122,11 +125,12 @@ async fn a_slow_backend_gets_less() {
     slow.first_token_delay = std::time::Duration::from_millis(40);
     let vm01 = mock_with(fast).await;
     let vm02 = mock_with(slow).await;
-    let sluice = Sluice::start(&format!(
-        "{}{}",
-        backend("vm01", &vm01.url(), &["m"], ""),
-        backend("vm02", &vm02.url(), &["m"], "")
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .backend(Backend::new("vm01", &vm01.url()).models(["m"]))
+            .backend(Backend::new("vm02", &vm02.url()).models(["m"]))
+            .to_toml(),
+    );
     let counts = concurrent_split(&sluice, 8, 40).await;
     let share = counts.get("vm02").copied().unwrap_or(0) as f64 / 320.0;
     assert!(share < 0.3, "the slow backend got {counts:?}");
@@ -163,11 +167,11 @@ async fn concurrent_split(sluice: &Sluice, clients: usize, each: usize) -> HashM
 async fn concurrent_streams_respect_max_concurrent_requests() {
     let vm01 = mock_with(paced("vm01", &["m"], Flavor::Vllm, 40, 8)).await;
     let vm02 = mock_with(paced("vm02", &["m"], Flavor::Ollama, 40, 8)).await;
-    let sluice = Sluice::start(&format!(
-        "{}{}",
-        backend("vm01", &vm01.url(), &["m"], "max_concurrent_requests = 2"),
-        backend("vm02", &vm02.url(), &["m"], "max_concurrent_requests = 2")
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .two_backends(&vm01.url(), &vm02.url(), 2)
+            .to_toml(),
+    );
     let client = client();
     let mut tasks = Vec::new();
     for _ in 0..4 {
@@ -199,10 +203,12 @@ async fn concurrent_streams_respect_max_concurrent_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aliases_reach_the_backend_as_the_real_name() {
     let vm01 = mock("vm01", &["glm4-9b"]).await;
-    let sluice = Sluice::start(&format!(
-        "{}[[policies]]\nname = \"router\"\nmodule = \"builtin:model-router\"\nconfig = {{ aliases = {{ glm4 = \"glm4-9b\" }} }}\n",
-        backend("vm01", &vm01.url(), &["glm4-9b"], "")
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .backend(Backend::new("vm01", &vm01.url()).models(["glm4-9b"]))
+            .policy(Policy::builtin("model-router").config(json!({"aliases": {"glm4": "glm4-9b"}})))
+            .to_toml(),
+    );
     let mut body = chat("glm4");
     body["temperature"] = json!(0.25);
     let response = sluice.post_chat(&client(), &body).await;
@@ -218,11 +224,12 @@ async fn aliases_reach_the_backend_as_the_real_name() {
 async fn models_endpoint_lists_the_fleet() {
     let vm01 = mock("vm01", &["glm4-9b", "qwen2.5-1.5b"]).await;
     let vm02 = mock("vm02", &["glm4-9b"]).await;
-    let sluice = Sluice::start(&format!(
-        "{}{}",
-        backend("vm01", &vm01.url(), &["glm4-9b", "qwen2.5-1.5b"], ""),
-        backend("vm02", &vm02.url(), &["glm4-9b"], "")
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .backend(Backend::new("vm01", &vm01.url()).models(["glm4-9b", "qwen2.5-1.5b"]))
+            .backend(Backend::new("vm02", &vm02.url()).models(["glm4-9b"]))
+            .to_toml(),
+    );
     let list: serde_json::Value = client()
         .get(sluice.url("/v1/models"))
         .send()
@@ -283,12 +290,13 @@ async fn completions_and_embeddings_are_proxied() {
 async fn a_guest_from_a_file_sees_headers_body_and_config() {
     let vm01 = mock("vm01", &["m", "other"]).await;
     let vm02 = mock("vm02", &["m"]).await;
-    let sluice = Sluice::start(&format!(
-        "{}{}[[policies]]\nname = \"pin\"\nmodule = {:?}\nconfig = {{ default = \"vm02\" }}\n",
-        backend("vm01", &vm01.url(), &["m", "other"], ""),
-        backend("vm02", &vm02.url(), &["m"], ""),
-        test_guest("pin-backend"),
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .backend(Backend::new("vm01", &vm01.url()).models(["m", "other"]))
+            .backend(Backend::new("vm02", &vm02.url()).models(["m"]))
+            .policy(Policy::guest("pin", "pin-backend").config(json!({"default": "vm02"})))
+            .to_toml(),
+    );
     let client = client();
     let send = |headers: &[(&str, &str)], body: serde_json::Value| {
         let mut request = client.post(sluice.url("/v1/chat/completions")).json(&body);

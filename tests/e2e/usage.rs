@@ -108,12 +108,16 @@ async fn a_client_asking_for_usage_gets_it_when_the_backend_sends_none() {
     let mut config = paced("vm01", &["m"], Flavor::Vllm, 0, 8);
     config.reports_usage = false;
     let vm01 = mock_with(config).await;
-    let hooked = "[[policies]]\nname = \"words\"\nmodule = \"builtin:sensitive-words\"\nconfig = { words = [\"secret\"], scope = \"response\" }\n[[policies]]\nname = \"router\"\nmodule = \"builtin:model-router\"\n";
-    for policies in ["", hooked] {
-        let sluice = Sluice::start(&format!(
-            "{}{policies}",
-            backend("vm01", &vm01.url(), &["m"], "")
-        ));
+    let plain = Config::new().backend(Backend::new("vm01", &vm01.url()).models(["m"]));
+    let hooked = plain
+        .clone()
+        .policy(
+            Policy::builtin("sensitive-words")
+                .config(serde_json::json!({"words": ["secret"], "scope": "response"})),
+        )
+        .policy(Policy::builtin("model-router"));
+    for (policies, config) in [("none", plain), ("a response hook", hooked)] {
+        let sluice = Sluice::start(&config.to_toml());
         let client = client();
         let mut body = stream_chat("m");
         let plain = sluice.post_chat(&client, &body).await.text().await.unwrap();

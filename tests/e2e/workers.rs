@@ -9,21 +9,20 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 use sluice::tools::mock::MockBackend;
 
-fn worker(module: &str, extra: &str) -> String {
-    format!(
-        "[[workers]]\nname = \"tools\"\nroute = \"/tools/*\"\nmodule = {:?}\n{extra}\n",
-        test_guest(module)
-    )
+/// The `tools` worker on `/tools/*`, built from the test guest `module`.
+fn tools(module: &str) -> Worker {
+    Worker::guest("tools", "/tools/*", module)
 }
 
-/// A gateway with one backend and the `tools` worker on `module`.
-async fn start(module: &str, extra: &str) -> (MockBackend, Sluice) {
+/// A gateway with one backend and this worker.
+async fn start(worker: Worker) -> (MockBackend, Sluice) {
     let vm01 = mock("vm01", &["m"]).await;
-    let sluice = Sluice::start(&format!(
-        "{}{}",
-        backend("vm01", &vm01.url(), &["m"], ""),
-        worker(module, extra)
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .backend(Backend::new("vm01", &vm01.url()).models(["m"]))
+            .worker(worker)
+            .to_toml(),
+    );
     (vm01, sluice)
 }
 
@@ -34,7 +33,7 @@ async fn get(client: &reqwest::Client, url: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spin_worker_answers_on_its_route_next_to_the_openai_api() {
-    let (_vm01, sluice) = start("spin-tools", "").await;
+    let (_vm01, sluice) = start(tools("spin-tools")).await;
     let client = client();
     assert_eq!(
         get(&client, &sluice.url("/tools/hello")).await,
@@ -116,11 +115,12 @@ async fn a_worker_calls_only_the_hosts_it_lists() {
         }
     });
     let allowed = vm01.addr.to_string();
-    let sluice = Sluice::start(&format!(
-        "{}{}",
-        backend("vm01", &vm01.url(), &["m"], ""),
-        worker("spin-tools", &format!("allowed_hosts = [{allowed:?}]"))
-    ));
+    let sluice = Sluice::start(
+        &Config::new()
+            .backend(Backend::new("vm01", &vm01.url()).models(["m"]))
+            .worker(tools("spin-tools").set("allowed_hosts", vec![allowed.as_str()]))
+            .to_toml(),
+    );
     let client = client();
     let (status, text) = get(
         &client,
@@ -154,8 +154,9 @@ async fn a_worker_calls_only_the_hosts_it_lists() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_looping_or_hoarding_worker_is_ended_and_the_next_request_served() {
     let (_vm01, sluice) = start(
-        "spin-tools",
-        "timeout = \"500ms\"\nmemory_limit = \"32MiB\"",
+        tools("spin-tools")
+            .set("timeout", "500ms")
+            .set("memory_limit", "32MiB"),
     )
     .await;
     let client = client();
@@ -199,7 +200,7 @@ async fn a_looping_or_hoarding_worker_is_ended_and_the_next_request_served() {
 /// and each deploy serves the very next request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_is_hot_replaced_under_load_with_no_failed_request() {
-    let (_vm01, sluice) = start("spin-tools", "").await;
+    let (_vm01, sluice) = start(tools("spin-tools")).await;
     let client = client();
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));
@@ -306,8 +307,9 @@ async fn a_worker_is_hot_replaced_under_load_with_no_failed_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_worker_answers_503_instead_of_piling_up_instances() {
     let (_vm01, sluice) = start(
-        "spin-tools",
-        "timeout = \"3s\"\nmax_concurrent_requests = 1",
+        tools("spin-tools")
+            .set("timeout", "3s")
+            .set("max_concurrent_requests", 1),
     )
     .await;
     let client = client();

@@ -1,5 +1,11 @@
 //! Shared helpers: start the binary with a config, start mock backends,
-//! and check OpenAI-shaped errors.
+//! and check OpenAI-shaped errors. Raw-TCP fakes for backends that
+//! misbehave are in [`fake_backend`].
+
+pub mod config;
+pub mod fake_backend;
+
+pub use config::{Backend, Config, Consumer, Policy, Worker};
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -76,16 +82,7 @@ impl Sluice {
             .append(true)
             .open(dir.0.join("stderr.log"))
             .unwrap();
-        let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--config",
-            ])
-            .arg(dir.0.join("sluice.toml"))
+        let mut child = serve_command(&dir.0.join("sluice.toml"), "127.0.0.1:0")
             .env("RUST_LOG", "warn")
             // The tests read /health, /load-stats and /metrics off the data
             // port; the default (`summary`) is tested on its own in abuse.rs.
@@ -195,6 +192,18 @@ impl Drop for Sluice {
     }
 }
 
+/// `sluice serve` with the config at `config`, its data port on an
+/// ephemeral port of 127.0.0.1 and its admin listener on `admin_listen`.
+pub fn serve_command(config: &Path, admin_listen: &str) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen"])
+        .arg(admin_listen)
+        .arg("--config")
+        .arg(config);
+    command
+}
+
 /// Runs `sluice ARGS…` to completion.
 pub fn run_sluice(args: &[&str], config: Option<&Path>) -> Output {
     let mut command = Command::new(BIN);
@@ -247,13 +256,11 @@ pub fn paced(
     config
 }
 
-/// A `[[backends]]` entry.
+/// A `[[backends]]` entry with `extra` lines of TOML after its keys; see
+/// [`Backend`] for a typed one.
 pub fn backend(name: &str, url: &str, models: &[&str], extra: &str) -> String {
-    let models: Vec<String> = models.iter().map(|m| format!("{m:?}")).collect();
-    format!(
-        "[[backends]]\nname = {name:?}\nurl = {url:?}\nmodels = [{}]\n{extra}\n",
-        models.join(", ")
-    )
+    let entry = Backend::new(name, url).models(models.iter().copied());
+    format!("{}{extra}\n", entry.to_toml())
 }
 
 /// The path of a test guest built from `tests/guests/` by the build script.
@@ -348,7 +355,6 @@ pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value 
     client.get(url).send().await.unwrap().json().await.unwrap()
 }
 
-/// GETs `url` and reads the answer as text.
 /// The value of an unlabelled metric in Prometheus' text exposition.
 pub fn metric(metrics: &str, name: &str) -> Option<f64> {
     metrics.lines().find_map(|line| {
@@ -360,6 +366,17 @@ pub fn metric(metrics: &str, name: &str) -> Option<f64> {
     })
 }
 
+/// GETs `url` and reads the answer as text.
 pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
     client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
