@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use sluice::api::openai::Endpoint;
 use sluice::config::{BackendConfig, OnError, PolicyConfig, PolicyRuntimeConfig};
 use sluice::dataplane::accounting::{Accounting, Ledger};
+use sluice::dataplane::body::idle::BackendBody;
 use sluice::dataplane::filter::Filter;
 use sluice::dataplane::forward::Answer;
 use sluice::fleet::Fleet;
@@ -282,7 +283,7 @@ async fn relay(w: &World, input: &Input, body: Vec<u8>, cuts: &[u8]) -> Vec<u8> 
         model: "m".into(),
         parts,
         first,
-        incoming,
+        incoming: BackendBody::new(incoming, Duration::from_secs(60)),
     };
     let chain = if input.masking { &w.masking } else { &w.plain };
     let filter = Filter {
