@@ -6,9 +6,11 @@
 
 mod engine;
 pub mod names;
+mod prefix;
 mod url;
 
 pub use engine::{EngineKind, EngineMetricsConfig, EngineNamesConfig, MetricNames};
+pub use prefix::PrefixCacheConfig;
 pub use url::BackendUrl;
 
 use std::collections::HashSet;
@@ -62,6 +64,8 @@ pub struct Config {
     pub ejection: EjectionConfig,
     #[serde(default)]
     pub engine_metrics: EngineMetricsConfig,
+    #[serde(default)]
+    pub prefix_cache: PrefixCacheConfig,
     #[serde(default)]
     pub retry: RetryConfig,
     #[serde(default)]
@@ -784,6 +788,7 @@ impl Config {
             engine::validate_backend(i, b.engine, b.metrics_url.as_deref())?;
         }
         self.engine_metrics.validate()?;
+        self.prefix_cache.validate()?;
         self.validate_consumers()?;
         self.validate_usage()?;
         self.validate_workers()?;
@@ -989,6 +994,7 @@ impl Config {
             check: self.health_check.clone(),
             ejection: self.ejection.clone(),
             engine: self.engine_metrics.clone(),
+            prefix: self.prefix_cache.clone(),
         }
     }
 
@@ -1090,6 +1096,7 @@ pub struct HealthRules {
     pub check: HealthCheckConfig,
     pub ejection: EjectionConfig,
     pub engine: EngineMetricsConfig,
+    pub prefix: PrefixCacheConfig,
 }
 
 #[cfg(test)]

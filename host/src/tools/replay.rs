@@ -202,6 +202,7 @@ pub async fn decide(
             consumer: recorded.consumer.clone(),
             headers: Arc::new(headers),
             body,
+            prefix: Default::default(),
         };
         Ok::<_, GatewayError>(chain.decide(runtime, fleet, request).await?)
     }
