@@ -39,6 +39,12 @@ impl Default for PrefixCacheConfig {
 }
 
 impl PrefixCacheConfig {
+    /// [`PrefixCacheConfig::validate`] for the tools that read a section
+    /// of their own (`sluice policy test` fleet files).
+    pub fn validate_replay(&self) -> Result<(), ConfigError> {
+        self.validate()
+    }
+
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         if !(16..=65_536).contains(&self.block_bytes) {
             return Err(invalid(
