@@ -74,6 +74,7 @@ fuzz_target!(|input: Input| {
         consumer: None,
         headers: Arc::new(http::HeaderMap::new()),
         body,
+        prefix: Default::default(),
     };
     let decision = match input {
         Input::Pass { model, body } => Decision::Pass { model, body },

@@ -306,6 +306,7 @@ async fn relay(w: &World, input: &Input, body: Vec<u8>, cuts: &[u8]) -> Vec<u8> 
             },
             headers: Arc::new(http::HeaderMap::new()),
             body: Bytes::from_static(b"{}"),
+            prefix: Default::default(),
         },
         holdback: chain.response_holdback(),
         strip_usage: input.strip_usage,

@@ -52,6 +52,7 @@
 // from the policy crates that expand `export_policy!`.
 extern crate self as sluice_guest;
 
+pub mod engine;
 pub mod fleet;
 pub mod log;
 pub mod request;
@@ -78,6 +79,7 @@ pub use bindings::sluice::policy::types::{
     Backend, Decision, Edits, Endpoint, Failure, FailureDecision, FailureKind, Hooks, Rejection,
     Request, Target, TextDecision,
 };
+pub use engine::{EngineSignals, PrefixBlocks};
 
 /// A policy: implement this and export it with [`export_policy!`]. Only
 /// [`Policy::init`] is required; every hook has a default that does nothing.

@@ -1,5 +1,10 @@
-//! Choosing among backends: weighted, load-aware, reproducible.
+//! Choosing among backends: weighted, load-aware, reproducible — on the
+//! gateway's own counters ([`rank`]), or on everything the host can see,
+//! engine signals and prefix-cache contents included ([`Scorer`]).
 
+use serde::Deserialize;
+
+use crate::engine::{EngineSignals, PrefixBlocks};
 use crate::Backend;
 
 /// Orders `backends` for one request, best first.
@@ -63,6 +68,310 @@ pub fn rank(backends: Vec<Backend>, seed: u64) -> Vec<Backend> {
         ranked.insert(0, first);
     }
     ranked
+}
+
+/// A backend with what its engine reports and how much of this request's
+/// prompt it probably holds: what [`Scorer::rank`] weighs.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub backend: Backend,
+    /// `None` when the backend has no engine configured.
+    pub engine: Option<EngineSignals>,
+    pub prefix: PrefixBlocks,
+}
+
+impl Candidate {
+    /// A candidate with nothing but the gateway's counters: no engine, no
+    /// prefix (for tests, and for hosts older than 0.2.2).
+    pub fn plain(backend: Backend) -> Candidate {
+        Candidate {
+            backend,
+            engine: None,
+            prefix: PrefixBlocks {
+                matched_blocks: 0,
+                total_blocks: 0,
+                block_bytes: 0,
+            },
+        }
+    }
+
+    /// Reads each backend's engine signals and prefix match from the host
+    /// (two cheap calls per backend; the prefix lookups stop once the
+    /// prompt turns out to have no full block).
+    pub fn read_all(backends: Vec<Backend>) -> Vec<Candidate> {
+        let mut prompt_blocks = None;
+        backends
+            .into_iter()
+            .map(|backend| {
+                let mut candidate = Candidate::plain(backend);
+                candidate.engine = candidate.backend.engine();
+                if prompt_blocks != Some(0) {
+                    candidate.prefix = candidate.backend.prefix_match();
+                    prompt_blocks = Some(candidate.prefix.total_blocks);
+                }
+                candidate
+            })
+            .collect()
+    }
+}
+
+/// How [`Scorer::rank`] weighs backends. Each backend gets a *cost*, in
+/// units of "requests in flight per unit of weight":
+///
+/// - its load: the larger of the gateway's `in_flight` and the engine's
+///   running batch, plus `queue_weight` × the engine's waiting queue, all
+///   divided by the backend's weight;
+/// - `kv_weight` × how far its KV-cache usage is past `kv_threshold`
+///   (0 below it, `kv_weight` when full);
+/// - `unknown_penalty` when its engine's signals are stale or were never
+///   read: saturation unknown, so it gets less, but never nothing (it is
+///   not down for that alone);
+/// - when the request's model is a LoRA adapter (or a model) that some
+///   engine reports loaded, `adapter_room_penalty` for a backend that does
+///   not have it but has room for one more adapter, `adapter_penalty` for
+///   one that would have to evict.
+///
+/// The first choice is drawn at random with probability proportional to
+/// `weight × e^-cost` (as [`rank`], so configured weights hold as the split
+/// between equally loaded backends). With `prefix_affinity`, the draw is
+/// first narrowed to the backends holding the most leading blocks of the
+/// prompt (at least `min_prefix_blocks`) — but only among those whose cost
+/// is within `affinity_slack` (or `affinity_slack_ratio` × the least cost,
+/// whichever is larger) of the least loaded one, so a hot prefix cannot
+/// pile its tenant onto one GPU while others idle.
+///
+/// Every field has a default (shown in brackets below); a policy can read
+/// it from its configuration:
+///
+/// ```
+/// use sluice_guest::select::Scorer;
+///
+/// let scorer: Scorer = serde_json::from_str(r#"{"queue_weight": 2.0}"#).unwrap();
+/// assert_eq!(scorer.queue_weight, 2.0);
+/// assert_eq!(scorer.kv_threshold, Scorer::default().kv_threshold);
+/// assert!(scorer.validate().is_ok());
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Scorer {
+    /// Cost of one request waiting in the engine's queue, relative to one
+    /// in its running batch [1.0].
+    pub queue_weight: f64,
+    /// KV-cache usage (0..1) past which a backend costs more [0.8].
+    pub kv_threshold: f64,
+    /// Cost of a full KV cache; scales linearly from `kv_threshold` [8.0].
+    pub kv_weight: f64,
+    /// Cost of a backend whose engine signals are stale or unknown [2.0].
+    pub unknown_penalty: f64,
+    /// Keep a prompt where its prefix is cached [true].
+    pub prefix_affinity: bool,
+    /// How much more than the least loaded backend's cost a backend may
+    /// cost and still win on its prefix [2.0].
+    pub affinity_slack: f64,
+    /// The same, as a share of the least cost, for busy fleets where two
+    /// requests are nothing [0.25].
+    pub affinity_slack_ratio: f64,
+    /// Fewest matched blocks that count as affinity [1].
+    pub min_prefix_blocks: u32,
+    /// Cost of a backend that would have to evict an adapter to load the
+    /// requested one [4.0].
+    pub adapter_penalty: f64,
+    /// Cost of a backend that would have to load the requested adapter but
+    /// has room for it [1.0].
+    pub adapter_room_penalty: f64,
+}
+
+impl Default for Scorer {
+    fn default() -> Self {
+        Scorer {
+            queue_weight: 1.0,
+            kv_threshold: 0.8,
+            kv_weight: 8.0,
+            unknown_penalty: 2.0,
+            prefix_affinity: true,
+            affinity_slack: 2.0,
+            affinity_slack_ratio: 0.25,
+            min_prefix_blocks: 1,
+            adapter_penalty: 4.0,
+            adapter_room_penalty: 1.0,
+        }
+    }
+}
+
+impl Scorer {
+    /// Checks the values make sense; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, value) in [
+            ("queue_weight", self.queue_weight),
+            ("kv_weight", self.kv_weight),
+            ("unknown_penalty", self.unknown_penalty),
+            ("affinity_slack", self.affinity_slack),
+            ("affinity_slack_ratio", self.affinity_slack_ratio),
+            ("adapter_penalty", self.adapter_penalty),
+            ("adapter_room_penalty", self.adapter_room_penalty),
+        ] {
+            if !(value.is_finite() && (0.0..=1e6).contains(&value)) {
+                return Err(format!("{name} must be between 0 and 1000000"));
+            }
+        }
+        if !(0.0..1.0).contains(&self.kv_threshold) {
+            return Err("kv_threshold must be at least 0 and below 1".into());
+        }
+        Ok(())
+    }
+
+    /// A candidate's cost (see [`Scorer`]); `adapter` is the requested
+    /// model when some engine reports it loaded as an adapter.
+    pub fn cost(&self, candidate: &Candidate, adapter: Option<&str>) -> f64 {
+        let weight = f64::from(candidate.backend.weight.max(1));
+        let mut load = f64::from(candidate.backend.in_flight);
+        let mut extra = 0.0;
+        match candidate.engine.as_ref().map(EngineSignals::current) {
+            // No engine configured: the gateway's counters are all there is.
+            None => {
+                if adapter.is_some() {
+                    extra += self.adapter_room_penalty;
+                }
+            }
+            Some(None) => extra += self.unknown_penalty,
+            Some(Some(signals)) => {
+                if let Some(running) = signals.running {
+                    load = load.max(running as f64);
+                }
+                if let Some(waiting) = signals.waiting {
+                    load += self.queue_weight * waiting as f64;
+                }
+                if let Some(kv) = signals.kv_cache_usage {
+                    let past = (kv - self.kv_threshold) / (1.0 - self.kv_threshold);
+                    extra += self.kv_weight * past.clamp(0.0, 1.0);
+                }
+                if let Some(adapter) = adapter {
+                    if !signals.has_loaded(adapter) {
+                        extra += if signals.has_adapter_room() {
+                            self.adapter_room_penalty
+                        } else {
+                            self.adapter_penalty
+                        };
+                    }
+                }
+            }
+        }
+        load / weight + extra
+    }
+
+    /// Orders `candidates` for a request for `model`, best first: down
+    /// backends left out, the first drawn as described at [`Scorer`], the
+    /// rest by ascending cost with backends at their limit last (so the
+    /// host has somewhere to go when the first fills up meanwhile).
+    ///
+    /// ```
+    /// use sluice_guest::select::{Candidate, Scorer};
+    /// use sluice_guest::{Backend, EngineSignals};
+    ///
+    /// let gpu = |name: &str, waiting: u64| {
+    ///     let mut c = Candidate::plain(Backend {
+    ///         name: name.into(),
+    ///         models: vec!["m".into()],
+    ///         healthy: true,
+    ///         in_flight: 0,
+    ///         max_concurrent: 0,
+    ///         weight: 1,
+    ///         latency_us: 0,
+    ///     });
+    ///     c.engine = Some(EngineSignals {
+    ///         engine: "vllm".into(),
+    ///         waiting: Some(waiting),
+    ///         running: Some(8),
+    ///         kv_cache_usage: Some(0.4),
+    ///         running_adapters: vec![],
+    ///         waiting_adapters: vec![],
+    ///         max_adapters: None,
+    ///         loaded_models: vec![],
+    ///         age_ms: Some(100),
+    ///         stale: false,
+    ///     });
+    ///     c
+    /// };
+    /// // vm01's engine has 30 requests queued: vm02 is chosen.
+    /// let order = Scorer::default().rank(vec![gpu("vm01", 30), gpu("vm02", 0)], "m", 7);
+    /// assert_eq!(order[0].backend.name, "vm02");
+    /// ```
+    pub fn rank(&self, candidates: Vec<Candidate>, model: &str, seed: u64) -> Vec<Candidate> {
+        let healthy: Vec<Candidate> = candidates
+            .into_iter()
+            .filter(|c| c.backend.healthy)
+            .collect();
+        let adapter = healthy
+            .iter()
+            .filter_map(|c| c.engine.as_ref().and_then(EngineSignals::current))
+            .any(|s| s.has_loaded(model))
+            .then_some(model);
+        let mut scored: Vec<(f64, Candidate)> = healthy
+            .into_iter()
+            .map(|c| (self.cost(&c, adapter), c))
+            .collect();
+        scored.sort_by(|(a_cost, a), (b_cost, b)| {
+            b.backend
+                .has_capacity()
+                .cmp(&a.backend.has_capacity())
+                .then(a_cost.total_cmp(b_cost))
+        });
+        let open = scored
+            .iter()
+            .take_while(|(_, c)| c.backend.has_capacity())
+            .count();
+        if open > 1 {
+            let pool = self.affinity_pool(&scored[..open]);
+            let chosen = draw(&scored, &pool, seed);
+            let first = scored.remove(chosen);
+            scored.insert(0, first);
+        }
+        scored.into_iter().map(|(_, c)| c).collect()
+    }
+
+    /// The indices of `open` (sorted by cost) the first choice is drawn
+    /// from: the near-least-loaded backends holding the most of the
+    /// prompt, or all of them when none holds enough.
+    fn affinity_pool(&self, open: &[(f64, Candidate)]) -> Vec<usize> {
+        let all: Vec<usize> = (0..open.len()).collect();
+        if !self.prefix_affinity {
+            return all;
+        }
+        let least = open[0].0;
+        let slack = self.affinity_slack.max(self.affinity_slack_ratio * least);
+        let near = || (0..open.len()).filter(|&i| open[i].0 <= least + slack);
+        let best = near()
+            .map(|i| open[i].1.prefix.matched_blocks)
+            .max()
+            .unwrap_or(0);
+        if best < self.min_prefix_blocks.max(1) {
+            return all;
+        }
+        near()
+            .filter(|&i| open[i].1.prefix.matched_blocks == best)
+            .collect()
+    }
+}
+
+/// Draws one of `pool` (indices into `scored`) with probability
+/// proportional to `weight × e^-cost`.
+fn draw(scored: &[(f64, Candidate)], pool: &[usize], seed: u64) -> usize {
+    // Measuring from the pool's least cost keeps every exponent small.
+    let least = pool
+        .iter()
+        .map(|&i| scored[i].0)
+        .fold(f64::INFINITY, f64::min);
+    let share =
+        |i: usize| f64::from(scored[i].1.backend.weight.max(1)) * (least - scored[i].0).exp();
+    let total: f64 = pool.iter().map(|&i| share(i)).sum();
+    let mut point = Rng::new(seed).next_f64() * total;
+    for &i in pool {
+        point -= share(i);
+        if point < 0.0 {
+            return i;
+        }
+    }
+    pool[pool.len() - 1]
 }
 
 /// A small, fast pseudo-random generator (SplitMix64) for policies that
@@ -194,5 +503,124 @@ mod tests {
         ];
         let counts = first_counts(&fleet, 10_000);
         assert!(counts[0] < 1_500, "{counts:?}");
+    }
+
+    fn signals(waiting: u64, running: u64, kv: f64, stale: bool) -> EngineSignals {
+        EngineSignals {
+            engine: "vllm".into(),
+            waiting: Some(waiting),
+            running: Some(running),
+            kv_cache_usage: Some(kv),
+            running_adapters: vec![],
+            waiting_adapters: vec![],
+            max_adapters: Some(2),
+            loaded_models: vec![],
+            age_ms: Some(if stale { 10_000 } else { 100 }),
+            stale,
+        }
+    }
+
+    fn candidate(name: &str, engine: Option<EngineSignals>, matched: u32) -> Candidate {
+        let mut c = Candidate::plain(backend(name, 1, 0, 0, true));
+        c.engine = engine;
+        c.prefix = PrefixBlocks {
+            matched_blocks: matched,
+            total_blocks: 10,
+            block_bytes: 64,
+        };
+        c
+    }
+
+    fn scorer_counts(fleet: &[Candidate], model: &str, draws: u64) -> Vec<usize> {
+        let scorer = Scorer::default();
+        let mut counts = vec![0; fleet.len()];
+        for seed in 0..draws {
+            let first = &scorer.rank(fleet.to_vec(), model, seed)[0];
+            counts[fleet
+                .iter()
+                .position(|c| c.backend.name == first.backend.name)
+                .unwrap()] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn the_scorer_without_signals_draws_like_rank() {
+        let fleet = [
+            backend("a", 3, 2, 0, true),
+            backend("b", 1, 1, 4, true),
+            backend("c", 2, 0, 0, true),
+        ];
+        for seed in 0..500 {
+            let plain: Vec<String> = rank(fleet.to_vec(), seed)
+                .into_iter()
+                .map(|b| b.name)
+                .collect();
+            let candidates = fleet.iter().cloned().map(Candidate::plain).collect();
+            let scored: Vec<String> = Scorer::default()
+                .rank(candidates, "m", seed)
+                .into_iter()
+                .map(|c| c.backend.name)
+                .collect();
+            assert_eq!(plain, scored, "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn a_deep_queue_or_a_full_kv_cache_gets_almost_nothing() {
+        let room = Some(signals(0, 4, 0.3, false));
+        let queue = [
+            candidate("queued", Some(signals(40, 16, 0.5, false)), 0),
+            candidate("room", room.clone(), 0),
+        ];
+        assert!(scorer_counts(&queue, "m", 2_000)[0] < 10);
+        let full = [
+            candidate("full", Some(signals(0, 4, 0.99, false)), 0),
+            candidate("room", room, 0),
+        ];
+        assert!(scorer_counts(&full, "m", 2_000)[0] < 20);
+    }
+
+    #[test]
+    fn stale_signals_mean_less_traffic_not_none() {
+        let fleet = [
+            candidate("stale", Some(signals(0, 0, 0.0, true)), 0),
+            candidate("fresh", Some(signals(0, 0, 0.0, false)), 0),
+        ];
+        let counts = scorer_counts(&fleet, "m", 4_000);
+        assert!((150..900).contains(&counts[0]), "{counts:?}");
+        // Alone, it gets everything.
+        let alone = Scorer::default().rank(vec![fleet[0].clone()], "m", 1);
+        assert_eq!(alone[0].backend.name, "stale");
+    }
+
+    #[test]
+    fn prefix_affinity_holds_among_the_near_least_loaded_only() {
+        let mut holder = candidate("holder", None, 8);
+        let other = candidate("other", None, 2);
+        holder.backend.in_flight = 2;
+        let fleet = [holder.clone(), other.clone()];
+        assert_eq!(scorer_counts(&fleet, "m", 500), [500, 0]);
+        // Much busier than the other: load wins.
+        holder.backend.in_flight = 6;
+        let fleet = [holder, other];
+        assert!(scorer_counts(&fleet, "m", 500)[0] < 20);
+    }
+
+    #[test]
+    fn an_adapter_goes_where_it_is_loaded() {
+        let mut loaded = signals(0, 4, 0.3, false);
+        loaded.running_adapters = vec!["sql-lora".into(), "chat-lora".into()];
+        let mut full = signals(0, 4, 0.3, false);
+        full.running_adapters = vec!["a".into(), "b".into()];
+        let fleet = [
+            candidate("without", Some(full), 0),
+            candidate("with", Some(loaded), 0),
+        ];
+        let counts = scorer_counts(&fleet, "sql-lora", 2_000);
+        assert!(counts[0] < 60, "{counts:?}");
+        // A base-model request is not steered.
+        let counts = scorer_counts(&fleet, "m", 2_000);
+        assert!((800..1_200).contains(&counts[0]), "{counts:?}");
     }
 }

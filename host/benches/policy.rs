@@ -117,6 +117,7 @@ fn main() -> anyhow::Result<()> {
         consumer: None,
         headers: headers.clone(),
         body: body.clone(),
+        prefix: Default::default(),
     };
 
     for (label, configs) in [

@@ -106,6 +106,10 @@ pub struct Metrics {
     engine_running: Family<BackendLabels, Gauge>,
     engine_kv_usage: Family<BackendLabels, FloatGauge>,
     engine_scrape_errors: Family<ScrapeErrorLabels, Counter>,
+    prefix_index_bytes: Family<BackendLabels, Gauge>,
+    prefix_index_blocks: Family<BackendLabels, Gauge>,
+    prefix_served_blocks: Family<BackendLabels, Gauge>,
+    prefix_hit_blocks: Family<BackendLabels, Gauge>,
     limit_store_errors: Counter,
     kept_instances: Gauge,
     usage_sync_errors: Counter,
@@ -224,6 +228,30 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Failed scrapes of engine metrics by backend and reason (timeout, connect, status, too_large, read, parse, missing)",
         engine_scrape_errors.clone(),
     );
+    let prefix_index_bytes = Family::<BackendLabels, Gauge>::default();
+    registry.register(
+        "sluice_prefix_index_bytes",
+        "Memory held by the backend's prefix-cache index (an estimate, bytes)",
+        prefix_index_bytes.clone(),
+    );
+    let prefix_index_blocks = Family::<BackendLabels, Gauge>::default();
+    registry.register(
+        "sluice_prefix_index_blocks",
+        "Prompt blocks the gateway remembers sending to the backend",
+        prefix_index_blocks.clone(),
+    );
+    let prefix_served_blocks = Family::<BackendLabels, Gauge>::default();
+    registry.register(
+        "sluice_prefix_served_blocks",
+        "Prompt blocks of the requests the backend served, since start (only increases)",
+        prefix_served_blocks.clone(),
+    );
+    let prefix_hit_blocks = Family::<BackendLabels, Gauge>::default();
+    registry.register(
+        "sluice_prefix_hit_blocks",
+        "Of those, blocks the index says the backend held already: the estimated prefix hit rate's numerator",
+        prefix_hit_blocks.clone(),
+    );
     let kept_instances = Gauge::default();
     registry.register(
         "sluice_policy_kept_instances",
@@ -296,6 +324,10 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         engine_running,
         engine_kv_usage,
         engine_scrape_errors,
+        prefix_index_bytes,
+        prefix_index_blocks,
+        prefix_served_blocks,
+        prefix_hit_blocks,
     }
 });
 
@@ -440,6 +472,29 @@ impl Metrics {
             .get_or_create(&labels)
             .set(i64::from(in_flight));
         self.healthy.get_or_create(&labels).set(i64::from(healthy));
+    }
+
+    /// A backend's prefix-cache index as it is now: memory, blocks, and
+    /// the blocks served and found there since start.
+    pub fn prefix_index(
+        &self,
+        backend: &str,
+        memory_bytes: usize,
+        blocks: usize,
+        served: (u64, u64),
+    ) {
+        let labels = BackendLabels {
+            backend: backend.to_string(),
+        };
+        let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        for (family, value) in [
+            (&self.prefix_index_bytes, memory_bytes as u64),
+            (&self.prefix_index_blocks, blocks as u64),
+            (&self.prefix_served_blocks, served.0),
+            (&self.prefix_hit_blocks, served.1),
+        ] {
+            family.get_or_create(&labels).set(int(value));
+        }
     }
 
     /// A backend's engine gauges as read now (set just before a scrape

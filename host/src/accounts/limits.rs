@@ -435,30 +435,26 @@ impl Limiter {
 /// The tokens to reserve for a request: its prompt counted with the
 /// tokenizer, plus the completion it may produce (`max_tokens`,
 /// `max_completion_tokens`, or `default_max_tokens`; none for embeddings).
-/// Counting a multi-MiB prompt takes real CPU, so large bodies are counted
-/// off the executor's threads.
-pub async fn reservation(body: &bytes::Bytes, embeddings: bool, default_max_tokens: u64) -> u64 {
-    let count = move |body: &[u8]| -> u64 {
-        let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
-            return default_max_tokens;
-        };
-        let completion = if embeddings {
-            0
-        } else {
-            value["max_completion_tokens"]
-                .as_u64()
-                .or(value["max_tokens"].as_u64())
-                .unwrap_or(default_max_tokens)
-        };
-        crate::api::tokens::count_prompt(&value).saturating_add(completion)
+/// `None` (a body that is not JSON): `default_max_tokens`. Counting a
+/// multi-MiB prompt takes real CPU: call it off the executor's threads for
+/// large bodies (the admit step does).
+pub fn reservation(
+    body: Option<&serde_json::Value>,
+    embeddings: bool,
+    default_max_tokens: u64,
+) -> u64 {
+    let Some(value) = body else {
+        return default_max_tokens;
     };
-    if body.len() < 64 << 10 {
-        return count(body);
-    }
-    let body = body.clone();
-    tokio::task::spawn_blocking(move || count(&body))
-        .await
-        .unwrap_or(default_max_tokens)
+    let completion = if embeddings {
+        0
+    } else {
+        value["max_completion_tokens"]
+            .as_u64()
+            .or(value["max_tokens"].as_u64())
+            .unwrap_or(default_max_tokens)
+    };
+    crate::api::tokens::count_prompt(value).saturating_add(completion)
 }
 
 /// Runs `task` on the current runtime, if any (a ticket may be dropped

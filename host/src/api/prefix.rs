@@ -15,6 +15,7 @@
 //! The trailing partial block is left out: engines only reuse full blocks.
 
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -27,6 +28,36 @@ pub const MAX_BLOCKS: usize = 65_536;
 /// message from the next).
 const FIELD: &[u8] = &[0x1f];
 const RECORD: &[u8] = &[0x1e];
+
+/// A request's prompt as blocks: hashed once when the request is admitted,
+/// then read by the policies (`prefix-match`) and credited to the backend
+/// that serves it. Empty when prefix indexing is off or there is no prompt.
+#[derive(Debug, Clone, Default)]
+pub struct PromptBlocks {
+    /// The chained block hashes, oldest first (see [`block_hashes`]).
+    pub hashes: Arc<[u64]>,
+    /// The block size they were cut with.
+    pub block_bytes: u32,
+}
+
+impl PromptBlocks {
+    /// The prompt of `body` cut into `block_bytes` blocks.
+    pub fn of(body: &Value, block_bytes: u32) -> PromptBlocks {
+        PromptBlocks {
+            hashes: block_hashes(body, block_bytes as usize).into(),
+            block_bytes,
+        }
+    }
+
+    /// Full blocks in the prompt.
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+}
 
 /// The chained hashes of the prompt's full blocks, oldest first. Empty when
 /// the body has no prompt or it is shorter than one block.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::engine::{self, EngineKind, EngineMetricsConfig};
+use super::prefix::PrefixCacheConfig;
 use super::units::{check_path, de_duration, de_opt_duration};
 use super::{invalid, BackendUrl, ConfigError};
 
@@ -187,6 +188,7 @@ pub struct HealthRules {
     pub check: HealthCheckConfig,
     pub ejection: EjectionConfig,
     pub engine: EngineMetricsConfig,
+    pub prefix: PrefixCacheConfig,
 }
 
 pub(super) fn validate(backends: &[BackendConfig]) -> Result<(), ConfigError> {

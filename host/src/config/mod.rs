@@ -14,6 +14,7 @@ mod consumers;
 mod engine;
 pub mod names;
 mod policies;
+mod prefix;
 mod server;
 #[cfg(test)]
 mod tests;
@@ -28,6 +29,7 @@ pub use backends::{
 pub use consumers::{AuthConfig, ConsumerConfig, ConsumerLimits, LimitsConfig};
 pub use engine::{EngineKind, EngineMetricsConfig, EngineNamesConfig, MetricNames};
 pub use policies::{OnError, PolicyConfig, PolicyRuntimeConfig, PolicyStoreConfig};
+pub use prefix::PrefixCacheConfig;
 pub use server::{ServerConfig, StatusEndpoints, DEFAULT_ADMIN_LISTEN};
 pub use units::{parse_bytes, parse_duration};
 pub use url::BackendUrl;
@@ -78,6 +80,8 @@ pub struct Config {
     pub ejection: EjectionConfig,
     #[serde(default)]
     pub engine_metrics: EngineMetricsConfig,
+    #[serde(default)]
+    pub prefix_cache: PrefixCacheConfig,
     #[serde(default)]
     pub retry: RetryConfig,
     #[serde(default)]
@@ -174,6 +178,7 @@ impl Config {
         self.policy_runtime.validate()?;
         backends::validate(&self.backends)?;
         self.engine_metrics.validate()?;
+        self.prefix_cache.validate()?;
         consumers::validate(&self.auth, &self.limits, &self.consumers)?;
         self.usage.validate()?;
         workers::validate(&self.workers)?;
@@ -189,6 +194,7 @@ impl Config {
             check: self.health_check.clone(),
             ejection: self.ejection.clone(),
             engine: self.engine_metrics.clone(),
+            prefix: self.prefix_cache.clone(),
         }
     }
 

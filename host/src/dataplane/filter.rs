@@ -604,6 +604,7 @@ mod relay_tests {
                 },
                 headers: Arc::new(http::HeaderMap::new()),
                 body: Bytes::from_static(b"{}"),
+                prefix: Default::default(),
             },
             strip_usage: false,
         };

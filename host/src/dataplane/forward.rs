@@ -181,7 +181,14 @@ impl Upstream {
                 )
                 .await
             {
-                Attempt::Answered(answer) => return Ok(answer),
+                Attempt::Answered(answer) => {
+                    // The engine now holds this prompt's blocks (by the
+                    // estimate): later turns of the conversation find them.
+                    if answer.parts.status.is_success() {
+                        answer.backend.prefix.serve(&route.prefix.hashes);
+                    }
+                    return Ok(answer);
+                }
                 Attempt::Full => {
                     full.push(target);
                     continue;

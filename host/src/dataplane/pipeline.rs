@@ -5,8 +5,8 @@
 //! 1. [`authenticate`](super::authenticate): who is calling, from the
 //!    headers alone; a refused caller's body is never read.
 //! 2. [`admit`](super::admit): the body read within its bounds and parsed;
-//!    the consumer's model and limits checked and reserved; accounting
-//!    starts.
+//!    the consumer's model and limits checked and reserved; the prompt
+//!    hashed into blocks for prefix-cache affinity; accounting starts.
 //! 3. route: the policy chain's request phase chooses targets, or rejects.
 //! 4. [`forward`](super::forward): to a chosen backend, queueing for a free
 //!    slot, with the failure phase after a failed attempt.
@@ -72,12 +72,18 @@ pub async fn run(
     // 2. Admit.
     let body = request_body::read(&parts.headers, body, gateway.body_limits).await?;
     let head = RequestHead::parse(&body)?;
-    let ticket = match &consumer {
-        Some(c) => admit::admit(&gateway.limiter, c, endpoint, &head, &body).await?,
-        None => None,
-    };
+    let rules = gateway.fleet.rules();
+    let admitted = admit::admit(
+        &gateway.limiter,
+        consumer.as_deref(),
+        endpoint,
+        &head,
+        &body,
+        &rules.prefix,
+    )
+    .await?;
     let mut ctx = start(gateway, endpoint, &parts, consumer.as_deref(), &head, &body);
-    ctx.acct.hold(ticket);
+    ctx.acct.hold(admitted.ticket);
     let request = PolicyRequest {
         id: ctx.id,
         endpoint,
@@ -86,6 +92,7 @@ pub async fn run(
         consumer: consumer.map(|c| c.name.clone()),
         headers: Arc::new(parts.headers),
         body,
+        prefix: admitted.prompt,
     };
 
     // 3. Route, and 4. forward, against the chain and fleet of this moment.

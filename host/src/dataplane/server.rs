@@ -207,6 +207,12 @@ impl Gateway {
                     if let Some(view) = b.engine_view() {
                         metrics.engine(&b.name, &view.gauges());
                     }
+                    metrics.prefix_index(
+                        &b.name,
+                        b.prefix.memory_bytes(),
+                        b.prefix.len(),
+                        b.prefix.served(),
+                    );
                 }
                 let mut response = Response::new(Body::full(metrics.render()));
                 response.headers_mut().insert(

@@ -14,6 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::BackendConfig;
 use crate::fleet::engine::{EngineProbe, EngineSlot, EngineView};
+use crate::fleet::prefix::{PrefixCache, PrefixLimits};
 use crate::fleet::stats::Stats;
 
 pub use crate::config::{BackendUrl, HealthRules};
@@ -70,6 +71,9 @@ pub struct Backend {
     clock: Instant,
     /// The inference engine's own metrics, as last scraped.
     pub engine: EngineSlot,
+    /// The prompt blocks recently sent here: what its prefix cache
+    /// probably holds (`[prefix_cache]`).
+    pub prefix: PrefixCache,
 }
 
 impl Backend {
@@ -91,6 +95,7 @@ impl Backend {
             .unwrap_or_else(|| rules.load().check.path.clone());
         let url = BackendUrl::parse(&config.url)?;
         let engine = EngineSlot::new(EngineProbe::from_config(config, &url)?);
+        let prefix = PrefixCache::new(PrefixLimits::from(&rules.load().prefix));
         Ok(Backend {
             name: config.name.as_str().into(),
             url,
@@ -116,6 +121,7 @@ impl Backend {
             retired: AtomicBool::new(false),
             clock,
             engine,
+            prefix,
         })
     }
 
@@ -149,6 +155,8 @@ impl Backend {
     /// they finish.
     pub fn update(&self, config: &BackendConfig) {
         self.weight.store(config.weight.max(1), Ordering::Relaxed);
+        self.prefix
+            .set_limits(PrefixLimits::from(&self.rules.load().prefix));
         if !self.discovers_models {
             self.models.store(Arc::new(config.models.clone()));
         }

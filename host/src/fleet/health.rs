@@ -213,6 +213,7 @@ pub fn report(fleet: &Fleet) -> (StatusCode, Value) {
                 "recent_errors": b.recent_errors(),
                 "last_check": b.last_check_unix_ms(),
                 "engine": b.engine_view().map(|e| e.to_json()),
+                "prefix_index": b.prefix.to_json(),
             })
         })
         .collect();

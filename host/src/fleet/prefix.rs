@@ -15,6 +15,7 @@
 //! survives at least `capacity / 2` newer insertions or `ttl / 2`.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,15 @@ impl Default for PrefixLimits {
     }
 }
 
+impl From<&crate::config::PrefixCacheConfig> for PrefixLimits {
+    fn from(config: &crate::config::PrefixCacheConfig) -> Self {
+        PrefixLimits {
+            capacity: config.capacity as usize,
+            ttl: config.ttl,
+        }
+    }
+}
+
 /// Roughly what one remembered block costs: the hash, the hash table's
 /// control byte, and its spare room.
 const BYTES_PER_BLOCK: usize = 10;
@@ -43,12 +53,17 @@ const BYTES_PER_BLOCK: usize = 10;
 /// One backend's index. Cheap to share (`&self` everywhere).
 #[derive(Debug)]
 pub struct PrefixCache {
-    limits: PrefixLimits,
     state: Mutex<Generations>,
+    /// Blocks of the prompts served here, and how many of them it held
+    /// (by this estimate) when they arrived: the prefix hit rate.
+    served_blocks: AtomicU64,
+    hit_blocks: AtomicU64,
 }
 
 #[derive(Debug)]
 struct Generations {
+    /// Changed by a config reload.
+    limits: PrefixLimits,
     current: HashSet<u64>,
     previous: HashSet<u64>,
     /// When `current` began.
@@ -58,17 +73,75 @@ struct Generations {
 impl PrefixCache {
     pub fn new(limits: PrefixLimits) -> PrefixCache {
         PrefixCache {
-            limits,
             state: Mutex::new(Generations {
+                limits,
                 current: HashSet::new(),
                 previous: HashSet::new(),
                 since: Instant::now(),
             }),
+            served_blocks: AtomicU64::new(0),
+            hit_blocks: AtomicU64::new(0),
         }
     }
 
+    /// Credits a served request's prompt to this backend: counts how many
+    /// of its leading blocks were here already, then remembers them all.
+    /// Returns the blocks matched.
+    pub fn serve(&self, blocks: &[u64]) -> usize {
+        if blocks.is_empty() {
+            return 0;
+        }
+        let matched = self.matched(blocks);
+        self.insert(blocks);
+        self.served_blocks
+            .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+        self.hit_blocks.fetch_add(matched as u64, Ordering::Relaxed);
+        matched
+    }
+
+    /// Blocks of served prompts, and how many of them were found here.
+    pub fn served(&self) -> (u64, u64) {
+        (
+            self.served_blocks.load(Ordering::Relaxed),
+            self.hit_blocks.load(Ordering::Relaxed),
+        )
+    }
+
+    /// What `/health` shows of the index.
+    pub fn to_json(&self) -> serde_json::Value {
+        let (served, hit) = self.served();
+        serde_json::json!({
+            "blocks": self.len(),
+            "memory_bytes": self.memory_bytes(),
+            "served_blocks": served,
+            "hit_blocks": hit,
+            "hit_rate": if served == 0 { None } else { Some(hit as f64 / served as f64) },
+        })
+    }
+
     pub fn limits(&self) -> PrefixLimits {
-        self.limits
+        self.lock().limits
+    }
+
+    /// Applies reloaded limits; a smaller capacity takes effect as the
+    /// generations turn over.
+    pub fn set_limits(&self, limits: PrefixLimits) {
+        self.lock().limits = limits;
+    }
+
+    /// Like [`PrefixCache::matched`], without counting the blocks as used:
+    /// what a policy sees when it compares backends (only the one that
+    /// serves the request gets its blocks refreshed, by `insert`).
+    pub fn peek(&self, blocks: &[u64]) -> usize {
+        if blocks.is_empty() {
+            return 0;
+        }
+        let mut state = self.lock();
+        state.age(Instant::now());
+        blocks
+            .iter()
+            .take_while(|b| state.current.contains(b) || state.previous.contains(b))
+            .count()
     }
 
     /// How many of `blocks` (a request's chained hashes, oldest first) this
@@ -79,7 +152,7 @@ impl PrefixCache {
             return 0;
         }
         let mut state = self.lock();
-        state.age(self.limits, Instant::now());
+        state.age(Instant::now());
         let mut matched = 0;
         for block in blocks {
             if state.current.contains(block) {
@@ -91,7 +164,7 @@ impl PrefixCache {
                 break;
             }
         }
-        state.rotate_if_full(self.limits);
+        state.rotate_if_full();
         matched
     }
 
@@ -101,13 +174,13 @@ impl PrefixCache {
             return;
         }
         let mut state = self.lock();
-        state.age(self.limits, Instant::now());
+        state.age(Instant::now());
         // A prompt larger than the whole index keeps its first blocks: they
         // are the ones every later turn shares.
-        for block in blocks.iter().take(self.limits.capacity / 2) {
+        for block in blocks.iter().take(state.limits.capacity / 2) {
             state.previous.remove(block);
             state.current.insert(*block);
-            state.rotate_if_full(self.limits);
+            state.rotate_if_full();
         }
     }
 
@@ -149,20 +222,20 @@ impl Generations {
     /// Drops what is older than the ttl: a current generation older than
     /// half of it becomes the previous one; one older than all of it (an
     /// idle backend) and its predecessor are both gone.
-    fn age(&mut self, limits: PrefixLimits, now: Instant) {
+    fn age(&mut self, now: Instant) {
         let age = now.saturating_duration_since(self.since);
-        if age >= limits.ttl {
+        if age >= self.limits.ttl {
             self.previous = HashSet::new();
             self.current = HashSet::new();
             self.since = now;
-        } else if age >= limits.ttl / 2 {
+        } else if age >= self.limits.ttl / 2 {
             self.previous = std::mem::take(&mut self.current);
             self.since = now;
         }
     }
 
-    fn rotate_if_full(&mut self, limits: PrefixLimits) {
-        if self.current.len() >= (limits.capacity / 2).max(1) {
+    fn rotate_if_full(&mut self) {
+        if self.current.len() >= (self.limits.capacity / 2).max(1) {
             self.previous = std::mem::take(&mut self.current);
             self.since = Instant::now();
         }
@@ -214,6 +287,39 @@ mod tests {
         c.insert(&blocks);
         assert!(c.len() <= 10);
         assert_eq!(c.matched(&blocks), 5);
+    }
+
+    #[test]
+    fn serving_counts_hits() {
+        let c = cache(100);
+        assert_eq!(c.serve(&[1, 2, 3]), 0);
+        assert_eq!(c.serve(&[1, 2, 3, 4]), 3);
+        assert_eq!(c.served(), (7, 3));
+        assert_eq!(c.to_json()["blocks"], 4);
+    }
+
+    #[test]
+    fn peeking_does_not_refresh() {
+        let c = cache(8);
+        c.insert(&[1, 2]);
+        assert_eq!(c.peek(&[1, 2, 3]), 2);
+        // Two newer blocks fill the current generation (half the capacity):
+        // 1 and 2 move to the previous one. A peek leaves them there, so
+        // four more push them out.
+        c.insert(&[10, 11]);
+        assert_eq!(c.peek(&[1, 2]), 2);
+        c.insert(&[12, 13, 14, 15]);
+        assert_eq!(c.peek(&[1, 2]), 0);
+        // `matched` would have kept them.
+        c.insert(&[1, 2, 10, 11]);
+        assert_eq!(c.matched(&[1, 2]), 2);
+        c.insert(&[20, 21, 22, 23]);
+        assert_eq!(c.peek(&[1, 2]), 2);
+        c.set_limits(PrefixLimits {
+            capacity: 8,
+            ttl: Duration::from_secs(1),
+        });
+        assert_eq!(c.limits().capacity, 8);
     }
 
     #[test]

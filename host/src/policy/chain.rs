@@ -12,6 +12,7 @@ use http::{HeaderMap, StatusCode};
 
 use super::{ChainError, FailureKind, KeptInstances, PolicyError, Runtime};
 use crate::api::openai::{Endpoint, RequestHead};
+use crate::api::prefix::PromptBlocks;
 use crate::bundled as builtin;
 use crate::config::{OnError, PolicyConfig};
 use crate::fleet::backends::Backend;
@@ -56,6 +57,9 @@ pub struct PolicyRequest {
     pub consumer: Option<String>,
     pub headers: Arc<HeaderMap>,
     pub body: Bytes,
+    /// The prompt's blocks, hashed once at admission (of the client's
+    /// body: a policy that rewrites the messages does not change them).
+    pub prefix: PromptBlocks,
 }
 
 impl PolicyRequest {
@@ -83,6 +87,8 @@ pub struct Route {
     pub info: RequestInfo,
     pub headers: Arc<HeaderMap>,
     pub body: Bytes,
+    /// The prompt's blocks, credited to the backend that serves it.
+    pub prefix: PromptBlocks,
 }
 
 #[derive(Clone)]
@@ -276,6 +282,7 @@ impl Chain {
                         info: request.info(),
                         headers: request.headers,
                         body: request.body,
+                        prefix: request.prefix,
                     })
                 }
                 Ok(Verdict::Reject(rejection)) => return Err(rejection),
@@ -297,7 +304,13 @@ impl Chain {
         failure: &AttemptFailure,
     ) -> Result<FailureDecision, ChainError> {
         for policy in self.policies().filter(|p| p.hooks.failure) {
-            let state = runtime.state(context(fleet, policy, &route.headers, &route.body));
+            let state = runtime.state(context(
+                fleet,
+                policy,
+                &route.headers,
+                &route.body,
+                &route.prefix,
+            ));
             let started = Instant::now();
             let decision = runtime
                 .on_failure(&policy.pre, state, &route.info, failure)
@@ -347,7 +360,15 @@ impl Chain {
             .filter(|p| p.hooks.response_holdback.is_some())
             .enumerate()
         {
-            let state = || runtime.state(context(fleet, policy, &route.headers, &route.body));
+            let state = || {
+                runtime.state(context(
+                    fleet,
+                    policy,
+                    &route.headers,
+                    &route.body,
+                    &route.prefix,
+                ))
+            };
             let started = Instant::now();
             let decision = runtime
                 .on_response_text_kept(
@@ -422,11 +443,13 @@ fn context(
     policy: &LoadedPolicy,
     headers: &Arc<HeaderMap>,
     body: &Bytes,
+    prefix: &PromptBlocks,
 ) -> CallContext {
     CallContext {
         fleet: fleet.clone(),
         headers: headers.clone(),
         body: body.clone(),
+        prefix: prefix.clone(),
         policy_name: policy.name.clone(),
         config_json: policy.config_json.clone(),
     }
@@ -460,6 +483,7 @@ pub async fn load_policy(
                 fleet: fleet.clone(),
                 headers: Arc::new(HeaderMap::new()),
                 body: Bytes::new(),
+                prefix: PromptBlocks::default(),
                 policy_name: name.clone(),
                 config_json: config_json.clone(),
             },
@@ -501,6 +525,7 @@ fn run_shadow(
         consumer: request.consumer.clone(),
         headers: request.headers.clone(),
         body: request.body.clone(),
+        prefix: request.prefix.clone(),
     };
     tokio::spawn(async move {
         let verdict = run_request_phase(&runtime, &fleet, &shadow.policy, &copy)
@@ -555,6 +580,7 @@ async fn trial(runtime: &Runtime, fleet: &Arc<Fleet>, policy: &LoadedPolicy) -> 
         consumer: None,
         headers: Arc::new(HeaderMap::new()),
         body: serde_json::to_vec(&body)?.into(),
+        prefix: PromptBlocks::default(),
     };
     if let Err(e) = run_request_phase(runtime, fleet, policy, &request).await {
         anyhow::bail!("{}: {}", e.kind, e.detail);
@@ -585,7 +611,13 @@ async fn undeclared_failure_hook(
         attempt: 1,
         remaining: Vec::new(),
     };
-    let state = runtime.state(context(fleet, policy, &request.headers, &request.body));
+    let state = runtime.state(context(
+        fleet,
+        policy,
+        &request.headers,
+        &request.body,
+        &request.prefix,
+    ));
     match runtime
         .on_failure(&policy.pre, state, &request.info(), &failure)
         .await
@@ -605,7 +637,13 @@ async fn run_request_phase(
     policy: &LoadedPolicy,
     request: &PolicyRequest,
 ) -> Result<(Verdict, Option<bool>), PolicyError> {
-    let state = runtime.state(context(fleet, policy, &request.headers, &request.body));
+    let state = runtime.state(context(
+        fleet,
+        policy,
+        &request.headers,
+        &request.body,
+        &request.prefix,
+    ));
     let started = Instant::now();
     let decision = runtime
         .on_request(&policy.pre, state, &request.info())

@@ -8,11 +8,16 @@
 //! "consumer": "alice", "body": {...}}` — only `body` is required. The
 //! fleet is a TOML file with the `[[backends]]` of a `sluice.toml`, plus an
 //! optional live state per backend: `[state.vm01] healthy = false,
-//! in_flight = 3`.
+//! in_flight = 3`, what its engine reports (`[state.vm01.engine] waiting =
+//! 12, kv_cache_usage = 0.9`, for a backend with an `engine` set), and the
+//! prompts it has cached (`[[state.vm01.cached]]` request bodies: their
+//! blocks go into its prefix index, so `prefix-match` finds them). An
+//! optional `[prefix_cache] block_bytes` sets the block size.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -21,9 +26,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::api::openai::{Endpoint, RequestHead};
-use crate::config::{BackendConfig, OnError, PolicyRuntimeConfig};
+use crate::api::prefix::PromptBlocks;
+use crate::config::{BackendConfig, OnError, PolicyRuntimeConfig, PrefixCacheConfig};
 use crate::dataplane::errors::GatewayError;
 use crate::fleet::backends::Slot;
+use crate::fleet::engine::{EngineSignals, LoraState};
 use crate::fleet::Fleet;
 use crate::policy::{
     load_policy, module_bytes, Chain, ChainEntry, ChainError, PolicyRequest, PolicySpec, Runtime,
@@ -56,6 +63,8 @@ struct FleetFile {
     backends: Vec<BackendConfig>,
     #[serde(default)]
     state: BTreeMap<String, BackendState>,
+    #[serde(default)]
+    prefix_cache: PrefixCacheConfig,
 }
 
 #[derive(Deserialize)]
@@ -65,6 +74,49 @@ struct BackendState {
     healthy: bool,
     #[serde(default)]
     in_flight: u32,
+    /// What the backend's engine reports (it needs an `engine` set).
+    #[serde(default)]
+    engine: Option<EngineState>,
+    /// Request bodies whose prompts the backend holds in its prefix cache.
+    #[serde(default)]
+    cached: Vec<Value>,
+}
+
+/// `[state.NAME.engine]`: the figures of `engine.signals`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EngineState {
+    waiting: Option<u64>,
+    running: Option<u64>,
+    kv_cache_usage: Option<f64>,
+    #[serde(default)]
+    running_adapters: Vec<String>,
+    #[serde(default)]
+    waiting_adapters: Vec<String>,
+    max_adapters: Option<u32>,
+    loaded_models: Option<Vec<String>>,
+    /// The reading is older than `stale_after`: saturation unknown.
+    #[serde(default)]
+    stale: bool,
+}
+
+impl EngineState {
+    fn signals(&self) -> EngineSignals {
+        let lora = !(self.running_adapters.is_empty()
+            && self.waiting_adapters.is_empty()
+            && self.max_adapters.is_none());
+        EngineSignals {
+            waiting: self.waiting,
+            running: self.running,
+            kv_usage: self.kv_cache_usage,
+            lora: lora.then(|| LoraState {
+                running: self.running_adapters.clone(),
+                waiting: self.waiting_adapters.clone(),
+                max: self.max_adapters,
+            }),
+            models_loaded: self.loaded_models.clone(),
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -75,6 +127,8 @@ fn yes() -> bool {
 /// live as long as it does.
 pub struct FrozenFleet {
     pub fleet: Arc<Fleet>,
+    /// The block size prompts are cut into (`[prefix_cache] block_bytes`).
+    pub block_bytes: u32,
     _held: Vec<Slot>,
 }
 
@@ -101,8 +155,13 @@ pub fn fleet(path: Option<&Path>, models: &[String]) -> anyhow::Result<FrozenFle
                 metrics_url: None,
             }],
             state: BTreeMap::new(),
+            prefix_cache: PrefixCacheConfig::default(),
         },
     };
+    file.prefix_cache
+        .validate_replay()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let block_bytes = file.prefix_cache.block_bytes;
     let fleet = Arc::new(Fleet::new(&file.backends).map_err(anyhow::Error::msg)?);
     let mut held = Vec::new();
     for (name, state) in &file.state {
@@ -119,8 +178,33 @@ pub fn fleet(path: Option<&Path>, models: &[String]) -> anyhow::Result<FrozenFle
                 format!("state.{name}.in_flight: more than its max_concurrent_requests")
             })?);
         }
+        if let Some(engine) = &state.engine {
+            anyhow::ensure!(
+                backend.engine.probe().is_some(),
+                "state.{name}.engine: the backend has no `engine` set"
+            );
+            // A stale reading is dated long before now; a fresh one ahead
+            // of it, so it stays fresh however long the replay runs.
+            let day = Duration::from_secs(86_400);
+            let at = match engine.stale {
+                false => Instant::now().checked_add(day),
+                true => Instant::now().checked_sub(day),
+            };
+            if let Some(at) = at {
+                backend.engine.record(Ok(engine.signals()), at);
+            }
+        }
+        for body in &state.cached {
+            backend
+                .prefix
+                .insert(&PromptBlocks::of(body, block_bytes).hashes);
+        }
     }
-    Ok(FrozenFleet { fleet, _held: held })
+    Ok(FrozenFleet {
+        fleet,
+        block_bytes,
+        _held: held,
+    })
 }
 
 /// Reads a JSON-lines file of recorded requests.
@@ -177,6 +261,7 @@ pub async fn decide(
     chain: &Chain,
     id: u64,
     recorded: &Recorded,
+    block_bytes: u32,
 ) -> Value {
     let outcome = async {
         let endpoint = Endpoint::from_path(&recorded.path).ok_or_else(|| {
@@ -202,6 +287,7 @@ pub async fn decide(
             consumer: recorded.consumer.clone(),
             headers: Arc::new(headers),
             body,
+            prefix: PromptBlocks::of(&recorded.body, block_bytes),
         };
         Ok::<_, GatewayError>(chain.decide(runtime, fleet, request).await?)
     }
@@ -260,7 +346,16 @@ pub async fn run(
     let chain = load(&runtime, &frozen.fleet, module, config).await?;
     let mut decisions = Vec::with_capacity(recorded.len());
     for (n, request) in recorded.iter().enumerate() {
-        decisions.push(decide(&runtime, &frozen.fleet, &chain, n as u64 + 1, request).await);
+        let id = n as u64 + 1;
+        let decision = decide(
+            &runtime,
+            &frozen.fleet,
+            &chain,
+            id,
+            request,
+            frozen.block_bytes,
+        );
+        decisions.push(decision.await);
     }
     let mut differences = Vec::new();
     if let Some(path) = expected_file {
@@ -288,4 +383,90 @@ pub async fn run(
         }
     }
     Ok((decisions, differences))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(turns: &[&str]) -> Value {
+        let messages: Vec<Value> = turns
+            .iter()
+            .map(|t| json!({"role": "user", "content": t}))
+            .collect();
+        json!({"model": "m", "messages": messages})
+    }
+
+    /// A fleet file describes engine state and cached prompts; the bundled
+    /// router decides on them offline.
+    #[tokio::test]
+    async fn fleet_files_describe_engines_and_prefix_caches() {
+        let dir = std::env::temp_dir().join(format!("sluice-replay-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let system = "You are a careful assistant. ".repeat(20);
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let fleet_file = write(
+            "fleet.toml",
+            &format!(
+                "[[backends]]\nname = \"vm01\"\nurl = \"http://10.0.0.1:8000\"\nmodels = [\"m\"]\nengine = \"vllm\"\n\
+                 [[backends]]\nname = \"vm02\"\nurl = \"http://10.0.0.2:8000\"\nmodels = [\"m\"]\nengine = \"vllm\"\n\
+                 [[backends]]\nname = \"vm03\"\nurl = \"http://10.0.0.3:8000\"\nmodels = [\"m\"]\nengine = \"vllm\"\n\
+                 [state.vm01.engine]\nwaiting = 0\nrunning = 1\nkv_cache_usage = 0.2\n\
+                 [[state.vm01.cached]]\nmodel = \"m\"\nmessages = [{{ role = \"user\", content = {system:?} }}]\n\
+                 [state.vm02.engine]\nwaiting = 0\nrunning = 1\nkv_cache_usage = 0.2\n\
+                 [state.vm03.engine]\nwaiting = 0\nrunning = 0\nstale = true\n"
+            ),
+        );
+        let requests = (0..20)
+            .map(|i| json!({"body": chat(&[&system, &format!("question {i}")])}).to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let requests_file = write("requests.jsonl", &requests);
+        let router = |fleet_file: std::path::PathBuf| {
+            let requests_file = requests_file.clone();
+            async move {
+                let runtime = PolicyRuntimeConfig::default();
+                let module = "builtin:model-router";
+                let (decisions, _) = run(
+                    &runtime,
+                    module,
+                    json!({}),
+                    &requests_file,
+                    Some(&fleet_file),
+                    None,
+                )
+                .await
+                .unwrap();
+                decisions
+            }
+        };
+        let decisions = router(fleet_file.clone()).await;
+        for d in &decisions {
+            assert_eq!(d["targets"][0]["backend"], "vm01", "{d}");
+        }
+
+        // vm01's engine is queueing now: its prefix no longer wins.
+        let busy = std::fs::read_to_string(&fleet_file).unwrap().replacen(
+            "waiting = 0\nrunning = 1",
+            "waiting = 30\nrunning = 16",
+            1,
+        );
+        let decisions = router(write("fleet.toml", &busy)).await;
+        let on_vm01 = decisions
+            .iter()
+            .filter(|d| d["targets"][0]["backend"] == "vm01")
+            .count();
+        assert_eq!(on_vm01, 0, "{decisions:?}");
+        let bad = write(
+            "bad.toml",
+            "[[backends]]\nname = \"vm01\"\nurl = \"http://10.0.0.1:8000\"\n[state.vm01.engine]\nwaiting = 1\n",
+        );
+        let error = fleet(Some(&bad), &[]).err().unwrap().to_string();
+        assert!(error.contains("no `engine` set"), "{error}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

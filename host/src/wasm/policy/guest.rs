@@ -16,14 +16,16 @@ use super::contract::{
     TargetSpec, TextDecision,
 };
 use crate::api::openai::Endpoint;
+use crate::api::prefix::PromptBlocks;
 use crate::api::CREDENTIAL_HEADERS;
 use crate::fleet::Fleet;
 use crate::wasm::limits::MemoryCap;
 use crate::wasm::store::Capped;
 
-/// `sluice:policy@0.2.1`: the current contract (`wit/policy.wit`). It also
-/// serves 0.2.0 components: wasmtime matches `@0.2.0` names to `@0.2.1`
-/// (semver-compatible), and 0.2.1 only added an import.
+/// `sluice:policy@0.2.2`: the current contract (`wit/policy.wit`). It also
+/// serves 0.2.0 and 0.2.1 components: wasmtime matches `@0.2.0` and
+/// `@0.2.1` names to `@0.2.2` (semver-compatible), and each minor since
+/// 0.2.0 only added imports.
 pub mod v2 {
     wasmtime::component::bindgen!({
         path: "../wit",
@@ -59,6 +61,8 @@ pub struct GuestState {
     pub fleet: Arc<Fleet>,
     pub headers: Arc<HeaderMap>,
     pub body: Bytes,
+    /// The request's prompt blocks, for `engine.prefix-match`.
+    pub prefix: PromptBlocks,
     pub max_body_bytes: usize,
     pub policy_name: Arc<str>,
     pub config_json: Arc<str>,
@@ -71,6 +75,7 @@ pub struct CallContext {
     pub fleet: Arc<Fleet>,
     pub headers: Arc<HeaderMap>,
     pub body: Bytes,
+    pub prefix: PromptBlocks,
     pub policy_name: Arc<str>,
     pub config_json: Arc<str>,
 }
@@ -86,6 +91,7 @@ impl GuestState {
             fleet: context.fleet,
             headers: context.headers,
             body: context.body,
+            prefix: context.prefix,
             max_body_bytes,
             policy_name: context.policy_name,
             config_json: context.config_json,
@@ -297,6 +303,44 @@ versioned!(v2);
 impl v2::sluice::policy::request_options::Host for GuestState {
     fn set_idempotent(&mut self, idempotent: bool) {
         self.idempotent = Some(idempotent);
+    }
+}
+
+impl v2::sluice::policy::engine::Host for GuestState {
+    fn signals(&mut self, backend: String) -> Option<v2::sluice::policy::engine::EngineSignals> {
+        let view = self.fleet.engine(&backend)?;
+        let signals = view.signals.as_deref();
+        let lora = signals.and_then(|s| s.lora.as_ref());
+        Some(v2::sluice::policy::engine::EngineSignals {
+            engine: view.engine.as_str().to_string(),
+            waiting: signals.and_then(|s| s.waiting),
+            running: signals.and_then(|s| s.running),
+            kv_cache_usage: signals.and_then(|s| s.kv_usage),
+            running_adapters: lora.map(|l| l.running.clone()).unwrap_or_default(),
+            waiting_adapters: lora.map(|l| l.waiting.clone()).unwrap_or_default(),
+            max_adapters: lora.and_then(|l| l.max),
+            loaded_models: signals
+                .and_then(|s| s.models_loaded.clone())
+                .unwrap_or_default(),
+            age_ms: view
+                .age
+                .map(|a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX)),
+            stale: view.current().is_none(),
+        })
+    }
+
+    fn prefix_match(&mut self, backend: String) -> v2::sluice::policy::engine::PrefixBlocks {
+        let blocks = &self.prefix.hashes;
+        let matched = match self.fleet.get(&backend) {
+            Some(b) if !blocks.is_empty() => b.prefix.peek(blocks),
+            _ => 0,
+        };
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        v2::sluice::policy::engine::PrefixBlocks {
+            matched_blocks: count(matched),
+            total_blocks: count(blocks.len()),
+            block_bytes: self.prefix.block_bytes,
+        }
     }
 }
 

@@ -323,17 +323,17 @@ impl Runtime {
 }
 
 /// Which 0.2 minor a component was built against, from its exports' names
-/// (both link to the 0.2.1 bindings).
+/// (all link to the current 0.2 bindings).
 fn v2_contract(component: &Component, engine: &Engine) -> &'static str {
-    let built_for_020 = component
+    const MINORS: [&str; 2] = ["0.2.0", "0.2.1"];
+    component
         .component_type()
         .exports(engine)
-        .any(|(name, _)| name == "sluice:policy/lifecycle@0.2.0");
-    if built_for_020 {
-        "0.2.0"
-    } else {
-        "0.2.1"
-    }
+        .find_map(|(name, _)| {
+            let version = name.strip_prefix("sluice:policy/lifecycle@")?;
+            MINORS.into_iter().find(|m| *m == version)
+        })
+        .unwrap_or("0.2.2")
 }
 
 /// Names what went wrong in a guest call: the memory cap, the timeout, or a
@@ -382,12 +382,19 @@ mod tests {
             .map(|(n, _)| n.to_string())
             .collect();
         eprintln!("{names:?}");
-        assert_eq!(v2_contract(&current, runtime.engine()), "0.2.1");
-        let old = Component::new(
-            runtime.engine(),
-            include_bytes!("../../../../tests/fixtures/pin_backend-0.2.0.wasm"),
-        )
-        .unwrap();
-        assert_eq!(v2_contract(&old, runtime.engine()), "0.2.0");
+        assert_eq!(v2_contract(&current, runtime.engine()), "0.2.2");
+        for (fixture, version) in [
+            (
+                &include_bytes!("../../../../tests/fixtures/pin_backend-0.2.0.wasm")[..],
+                "0.2.0",
+            ),
+            (
+                &include_bytes!("../../../../tests/fixtures/pin_backend-0.2.1.wasm")[..],
+                "0.2.1",
+            ),
+        ] {
+            let old = Component::new(runtime.engine(), fixture).unwrap();
+            assert_eq!(v2_contract(&old, runtime.engine()), version);
+        }
     }
 }
