@@ -32,17 +32,30 @@ fn normalised(stream: &str) -> String {
 }
 
 async fn usage_totals(client: &reqwest::Client, sluice: &Sluice) -> Value {
-    // Records reach SQLite within the writer's flush interval.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let usage: Value = client
-        .get(sluice.admin_url("/admin/usage"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    usage["rows"][0].clone()
+    // Records reach SQLite within the writer's flush interval (a stream
+    // counted with the tokenizer later, off the executor): read until two
+    // reads 300 ms apart agree, for at most 10 s.
+    let read = || async {
+        let usage: Value = client
+            .get(sluice.admin_url("/admin/usage"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        usage["rows"][0].clone()
+    };
+    let started = std::time::Instant::now();
+    let mut last = Value::Null;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = read().await;
+        if (!now.is_null() && now == last) || started.elapsed() > Duration::from_secs(10) {
+            return now;
+        }
+        last = now;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
