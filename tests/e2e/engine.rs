@@ -399,7 +399,7 @@ async fn conversations_stick_to_their_prefix_while_load_stays_balanced() {
     let vm01 = mock_with(paced("vm01")).await;
     let vm02 = mock_with(paced("vm02")).await;
     let sluice = Sluice::start(&format!(
-        "{}{}",
+        "{}{}[[policies]]\nname = \"router\"\nmodule = \"builtin:model-router\"\nconfig = {{ scoring = {{ prefix_affinity = true }} }}\n",
         backend("vm01", &vm01.url(), &["m"], ""),
         backend("vm02", &vm02.url(), &["m"], ""),
     ));

@@ -35,17 +35,8 @@ async fn usage_totals(client: &reqwest::Client, sluice: &Sluice) -> Value {
     // Records reach SQLite within the writer's flush interval (a stream
     // counted with the tokenizer later, off the executor): read until two
     // reads 300 ms apart agree, for at most 10 s.
-    let read = || async {
-        let usage: Value = client
-            .get(sluice.admin_url("/admin/usage"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        usage["rows"][0].clone()
-    };
+    let read =
+        || async { get_json(client, &sluice.admin_url("/admin/usage")).await["rows"][0].clone() };
     let started = std::time::Instant::now();
     let mut last = Value::Null;
     loop {

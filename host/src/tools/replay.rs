@@ -434,7 +434,7 @@ mod tests {
                 let (decisions, _) = run(
                     &runtime,
                     module,
-                    json!({}),
+                    json!({"scoring": {"prefix_affinity": true}}),
                     &requests_file,
                     Some(&fleet_file),
                     None,
