@@ -85,15 +85,17 @@ async fn a_huge_model_name_is_refused_and_leaves_no_trace() {
         "the name reached the log"
     );
 
-    // The bodies were read (up to server.max_body_bytes) and dropped.
+    // The bodies were read (up to server.max_body_bytes) and dropped. The
+    // allocator keeps some of the 150 MB of bodies it held (72 MiB once on
+    // CI's run of session 10; 706 MB before the bound).
     let started = Instant::now();
     let mut after = rss_kib(sluice.pid());
-    while after > before + 64 * 1024 && started.elapsed() < Duration::from_secs(15) {
+    while after > before + 96 * 1024 && started.elapsed() < Duration::from_secs(15) {
         tokio::time::sleep(Duration::from_millis(200)).await;
         after = rss_kib(sluice.pid());
     }
     assert!(
-        after <= before + 64 * 1024,
+        after <= before + 96 * 1024,
         "RSS {before} KiB before, {after} KiB after the huge names"
     );
     let served = send_as(chat("ok").to_string()).await.unwrap();
