@@ -50,7 +50,24 @@ pub fn prefix_match(backend: &str) -> PrefixBlocks {
     host::prefix_match(backend)
 }
 
+/// Requests per second the gateway recently sent `backend` (a moving
+/// average over about ten seconds, retries included); 0.0 for an unknown
+/// backend. See [`Backend::sent_rate`]. Needs a host serving
+/// `sluice:policy@0.2.3`.
+pub fn sent_rate(backend: &str) -> f64 {
+    host::sent_rate(backend)
+}
+
 impl Backend {
+    /// Requests per second the gateway recently sent this backend. Divided
+    /// by [`Backend::weight`] it compares backends: one whose rate per
+    /// unit of weight runs ahead of the others' is getting more than its
+    /// configured share (what [`crate::select::Scorer`] uses to bound
+    /// prefix affinity).
+    pub fn sent_rate(&self) -> f64 {
+        sent_rate(&self.name)
+    }
+
     /// What this backend's inference engine last reported, with how old
     /// that is ([`EngineSignals::age_ms`], [`EngineSignals::stale`]);
     /// `None` when the backend has no `engine` configured (nothing is

@@ -492,7 +492,7 @@ async fn an_adapters_requests_go_where_it_is_loaded() {
 }
 
 /// A component built against 0.2.1 (the `pin-backend` test guest, kept in
-/// `tests/fixtures/`) loads on the 0.2.2 host, is reported as 0.2.1, and
+/// `tests/fixtures/`) loads on the current host, is reported as 0.2.1, and
 /// routes, rejects and marks requests not idempotent as it did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_built_against_contract_0_2_1_still_works() {
@@ -548,4 +548,29 @@ async fn a_policy_built_against_contract_0_2_1_still_works() {
     expect_error(teapot, 418, "teapot").await;
     let list: Value = get_json(&client, &sluice.admin_url("/admin/policies")).await;
     assert_eq!(list[0]["contract"], "0.2.1", "{list}");
+}
+
+/// The bundled router as built against 0.2.2 (kept in `tests/fixtures/`)
+/// loads on the 0.2.3 host, is reported as 0.2.2, and still reads the
+/// engines through its 0.2.2 import: a deep queue gets (almost) nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_built_against_contract_0_2_2_still_reads_the_engines() {
+    let (vm01, vm02) = (mock("vm01", &["m"]).await, mock("vm02", &["m"]).await);
+    let queued = FakeMetrics::start(&vllm(40, 16, 0.5)).await;
+    let room = FakeMetrics::start(&vllm(0, 4, 0.3)).await;
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/model_router-0.2.2.wasm"
+    );
+    let sluice = Sluice::start(&format!(
+        "{}{}{FAST_SCRAPES}[[policies]]\nname = \"router\"\nmodule = {fixture:?}\n",
+        backend("vm01", &vm01.url(), &["m"], &queued.keys()),
+        backend("vm02", &vm02.url(), &["m"], &room.keys()),
+    ));
+    let client = client();
+    until_waiting(&client, &sluice, &[("vm01", 40), ("vm02", 0)]).await;
+    let served = split(&client, &sluice, "m", 40).await;
+    assert!(served.get("vm02").copied().unwrap_or(0) >= 38, "{served:?}");
+    let list: Value = get_json(&client, &sluice.admin_url("/admin/policies")).await;
+    assert_eq!(list[0]["contract"], "0.2.2", "{list}");
 }

@@ -15,6 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::BackendConfig;
 use crate::fleet::engine::{EngineProbe, EngineSlot, EngineView};
 use crate::fleet::prefix::{PrefixCache, PrefixLimits};
+use crate::fleet::rate::RecentRate;
 use crate::fleet::stats::Stats;
 
 pub use crate::config::{BackendUrl, HealthRules};
@@ -44,6 +45,8 @@ pub struct Backend {
     max_concurrent: AtomicU32,
     weight: AtomicU32,
     in_flight: AtomicU32,
+    /// Attempts sent here per second, recently (`engine.sent-rate`).
+    sent: RecentRate,
     /// Permits for `max_concurrent_requests`: waiting is first come, first
     /// served.
     limit: Arc<Semaphore>,
@@ -106,6 +109,7 @@ impl Backend {
             max_concurrent: AtomicU32::new(config.max_concurrent_requests),
             weight: AtomicU32::new(config.weight.max(1)),
             in_flight: AtomicU32::new(0),
+            sent: RecentRate::new(clock),
             limit: Arc::new(Semaphore::new(permits(config.max_concurrent_requests))),
             stats: Stats::default(),
             latency_us: AtomicU32::new(0),
@@ -205,6 +209,16 @@ impl Backend {
 
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Attempts sent here per second, averaged over about ten seconds.
+    pub fn sent_rate(&self) -> f64 {
+        self.sent.per_second(Instant::now())
+    }
+
+    /// Sets the recent rate, as `sluice policy test` describes a fleet.
+    pub fn set_sent_rate(&self, per_second: f64) {
+        self.sent.set(per_second, Instant::now());
     }
 
     /// What the backend's engine last reported and how old that is; `None`
@@ -451,11 +465,13 @@ pub struct Slot {
 impl Slot {
     fn new(backend: Arc<Backend>, permit: OwnedSemaphorePermit) -> Slot {
         backend.in_flight.fetch_add(1, Ordering::AcqRel);
+        let since = Instant::now();
+        backend.sent.note(since);
         Slot {
             backend,
             _permit: permit,
             model: None,
-            since: Instant::now(),
+            since,
         }
     }
 

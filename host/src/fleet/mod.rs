@@ -10,6 +10,7 @@ pub mod backends;
 pub mod engine;
 pub mod health;
 pub mod prefix;
+pub mod rate;
 pub mod stats;
 
 use std::collections::HashMap;

@@ -80,6 +80,10 @@ struct BackendState {
     /// Request bodies whose prompts the backend holds in its prefix cache.
     #[serde(default)]
     cached: Vec<Value>,
+    /// Requests per second the gateway recently sent it
+    /// (`engine.sent-rate`).
+    #[serde(default)]
+    sent_rate: f64,
 }
 
 /// `[state.NAME.engine]`: the figures of `engine.signals`.
@@ -178,6 +182,11 @@ pub fn fleet(path: Option<&Path>, models: &[String]) -> anyhow::Result<FrozenFle
                 format!("state.{name}.in_flight: more than its max_concurrent_requests")
             })?);
         }
+        anyhow::ensure!(
+            state.sent_rate.is_finite() && state.sent_rate >= 0.0,
+            "state.{name}.sent_rate: must be a number of requests per second, 0 or more"
+        );
+        backend.set_sent_rate(state.sent_rate);
         if let Some(engine) = &state.engine {
             anyhow::ensure!(
                 backend.engine.probe().is_some(),
@@ -456,6 +465,20 @@ mod tests {
             1,
         );
         let decisions = router(write("fleet.toml", &busy)).await;
+        let on_vm01 = decisions
+            .iter()
+            .filter(|d| d["targets"][0]["backend"] == "vm01")
+            .count();
+        assert_eq!(on_vm01, 0, "{decisions:?}");
+
+        // vm01 is idle again but has had far more than its share of the
+        // recent traffic: its prefix no longer wins either.
+        let ahead = std::fs::read_to_string(&fleet_file).unwrap().replacen(
+            "[state.vm01.engine]",
+            "[state.vm01]\nsent_rate = 30.0\n[state.vm02]\nsent_rate = 10.0\n[state.vm01.engine]",
+            1,
+        );
+        let decisions = router(write("fleet.toml", &ahead)).await;
         let on_vm01 = decisions
             .iter()
             .filter(|d| d["targets"][0]["backend"] == "vm01")

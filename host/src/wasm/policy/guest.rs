@@ -22,9 +22,9 @@ use crate::fleet::Fleet;
 use crate::wasm::limits::MemoryCap;
 use crate::wasm::store::Capped;
 
-/// `sluice:policy@0.2.2`: the current contract (`wit/policy.wit`). It also
-/// serves 0.2.0 and 0.2.1 components: wasmtime matches `@0.2.0` and
-/// `@0.2.1` names to `@0.2.2` (semver-compatible), and each minor since
+/// `sluice:policy@0.2.3`: the current contract (`wit/policy.wit`). It also
+/// serves 0.2.0, 0.2.1 and 0.2.2 components: wasmtime matches their
+/// `@0.2.x` names to `@0.2.3` (semver-compatible), and each minor since
 /// 0.2.0 only added imports.
 pub mod v2 {
     wasmtime::component::bindgen!({
@@ -341,6 +341,10 @@ impl v2::sluice::policy::engine::Host for GuestState {
             total_blocks: count(blocks.len()),
             block_bytes: self.prefix.block_bytes,
         }
+    }
+
+    fn sent_rate(&mut self, backend: String) -> f64 {
+        self.fleet.get(&backend).map_or(0.0, |b| b.sent_rate())
     }
 }
 

@@ -325,7 +325,7 @@ impl Runtime {
 /// Which 0.2 minor a component was built against, from its exports' names
 /// (all link to the current 0.2 bindings).
 fn v2_contract(component: &Component, engine: &Engine) -> &'static str {
-    const MINORS: [&str; 2] = ["0.2.0", "0.2.1"];
+    const MINORS: [&str; 3] = ["0.2.0", "0.2.1", "0.2.2"];
     component
         .component_type()
         .exports(engine)
@@ -333,7 +333,7 @@ fn v2_contract(component: &Component, engine: &Engine) -> &'static str {
             let version = name.strip_prefix("sluice:policy/lifecycle@")?;
             MINORS.into_iter().find(|m| *m == version)
         })
-        .unwrap_or("0.2.2")
+        .unwrap_or("0.2.3")
 }
 
 /// Names what went wrong in a guest call: the memory cap, the timeout, or a
@@ -382,7 +382,7 @@ mod tests {
             .map(|(n, _)| n.to_string())
             .collect();
         eprintln!("{names:?}");
-        assert_eq!(v2_contract(&current, runtime.engine()), "0.2.2");
+        assert_eq!(v2_contract(&current, runtime.engine()), "0.2.3");
         for (fixture, version) in [
             (
                 &include_bytes!("../../../../tests/fixtures/pin_backend-0.2.0.wasm")[..],
@@ -391,6 +391,10 @@ mod tests {
             (
                 &include_bytes!("../../../../tests/fixtures/pin_backend-0.2.1.wasm")[..],
                 "0.2.1",
+            ),
+            (
+                &include_bytes!("../../../../tests/fixtures/model_router-0.2.2.wasm")[..],
+                "0.2.2",
             ),
         ] {
             let old = Component::new(runtime.engine(), fixture).unwrap();
