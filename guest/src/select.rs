@@ -78,6 +78,9 @@ pub struct Candidate {
     /// `None` when the backend has no engine configured.
     pub engine: Option<EngineSignals>,
     pub prefix: PrefixBlocks,
+    /// Requests per second the gateway recently sent it
+    /// ([`Backend::sent_rate`]).
+    pub sent_rate: f64,
 }
 
 impl Candidate {
@@ -92,12 +95,14 @@ impl Candidate {
                 total_blocks: 0,
                 block_bytes: 0,
             },
+            sent_rate: 0.0,
         }
     }
 
-    /// Reads each backend's engine signals and prefix match from the host
-    /// (two cheap calls per backend; the prefix lookups stop once the
-    /// prompt turns out to have no full block).
+    /// Reads each backend's engine signals, recent rate and prefix match
+    /// from the host (three cheap calls per backend; the prefix lookups
+    /// stop once the prompt turns out to have no full block). Needs a host
+    /// serving `sluice:policy@0.2.3`.
     pub fn read_all(backends: Vec<Backend>) -> Vec<Candidate> {
         let mut prompt_blocks = None;
         backends
@@ -105,6 +110,7 @@ impl Candidate {
             .map(|backend| {
                 let mut candidate = Candidate::plain(backend);
                 candidate.engine = candidate.backend.engine();
+                candidate.sent_rate = candidate.backend.sent_rate();
                 if prompt_blocks != Some(0) {
                     candidate.prefix = candidate.backend.prefix_match();
                     prompt_blocks = Some(candidate.prefix.total_blocks);
@@ -135,10 +141,22 @@ impl Candidate {
 /// `weight × e^-cost` (as [`rank`], so configured weights hold as the split
 /// between equally loaded backends). With `prefix_affinity`, the draw is
 /// first narrowed to the backends holding the most leading blocks of the
-/// prompt (at least `min_prefix_blocks`) — but only among those whose cost
-/// is within `affinity_slack` (or `affinity_slack_ratio` × the least cost,
-/// whichever is larger) of the least loaded one, so a hot prefix cannot
-/// pile its tenant onto one GPU while others idle.
+/// prompt (at least `min_prefix_blocks`) — but only among those that are
+/// not running ahead of the others, so a hot prefix cannot pile its tenant
+/// onto one GPU while others idle, and a prompt every client shares cannot
+/// erase the configured weights:
+///
+/// - its cost is within `affinity_slack` (or `affinity_slack_ratio` × the
+///   least cost, whichever is larger) of the least loaded backend's: the
+///   load right now;
+/// - its recent request rate per unit of weight ([`Backend::sent_rate`])
+///   is at most (1 + `affinity_balance`) × that of the other open
+///   backends, plus `affinity_rate_floor` requests/s (so a quiet fleet
+///   keeps every conversation where its cache is): the share over the
+///   last seconds. A backend past its share loses its prefixes' pull —
+///   its prompts go to the backends within theirs, which then hold them
+///   too — until the others catch up, so the split over time follows the
+///   weights within `affinity_balance`, however the prompts repeat.
 ///
 /// Every field has a default (shown in brackets below); a policy can read
 /// it from its configuration:
@@ -166,11 +184,26 @@ pub struct Scorer {
     /// Keep a prompt where its prefix is cached [true].
     pub prefix_affinity: bool,
     /// How much more than the least loaded backend's cost a backend may
-    /// cost and still win on its prefix [2.0].
+    /// cost and still win on its prefix [16.0]: a cached long prompt saves
+    /// a prefill worth many requests of decode, so only a real pile-up
+    /// (a deep engine queue) should move a conversation off its cache —
+    /// moving it costs a full prefill elsewhere, which queues there in turn
+    /// (bench/prefix.py: at 2.0, bursts spread each tenant over ~3 of 4
+    /// backends and the engines' hit rate fell from 87 % to 41 %).
     pub affinity_slack: f64,
-    /// The same, as a share of the least cost, for busy fleets where two
-    /// requests are nothing [0.25].
+    /// The same, as a share of the least cost, for busy fleets [1.0]: a
+    /// backend up to twice as loaded as the least may keep its prefixes.
     pub affinity_slack_ratio: f64,
+    /// How far past its share of the recent traffic a backend may run and
+    /// still win on its prefix, as a fraction of that share — what it would
+    /// be sent at the other backends' pace per unit of weight [0.5]: no
+    /// backend takes more than ~1.5× its share for long.
+    pub affinity_balance: f64,
+    /// Requests per second a backend may run past its share and still win
+    /// on its prefix [2.0]: in a fleet this quiet (one agent, a few chats)
+    /// balance matters less than the cache, and a conversation should not
+    /// be moved off its cache because the other backends happen to idle.
+    pub affinity_rate_floor: f64,
     /// Fewest matched blocks that count as affinity [1].
     pub min_prefix_blocks: u32,
     /// Cost of a backend that would have to evict an adapter to load the
@@ -188,13 +221,11 @@ impl Default for Scorer {
             kv_threshold: 0.8,
             kv_weight: 8.0,
             unknown_penalty: 2.0,
-            // Off until affinity is bounded by each backend's recent share of
-            // its weight: with instant answers in-flight load stays ~0, so a
-            // repeated prompt followed its cache onto one backend and erased
-            // the operator's weights (tests/python test_004).
-            prefix_affinity: false,
-            affinity_slack: 2.0,
-            affinity_slack_ratio: 0.25,
+            prefix_affinity: true,
+            affinity_slack: 16.0,
+            affinity_slack_ratio: 1.0,
+            affinity_balance: 0.5,
+            affinity_rate_floor: 2.0,
             min_prefix_blocks: 1,
             adapter_penalty: 4.0,
             adapter_room_penalty: 1.0,
@@ -211,6 +242,8 @@ impl Scorer {
             ("unknown_penalty", self.unknown_penalty),
             ("affinity_slack", self.affinity_slack),
             ("affinity_slack_ratio", self.affinity_slack_ratio),
+            ("affinity_balance", self.affinity_balance),
+            ("affinity_rate_floor", self.affinity_rate_floor),
             ("adapter_penalty", self.adapter_penalty),
             ("adapter_room_penalty", self.adapter_room_penalty),
         ] {
@@ -334,25 +367,48 @@ impl Scorer {
     }
 
     /// The indices of `open` (sorted by cost) the first choice is drawn
-    /// from: the near-least-loaded backends holding the most of the
-    /// prompt, or all of them when none holds enough.
+    /// from: the backends holding the most of the prompt among those not
+    /// running ahead (see [`Scorer`]), or all of them when none holds
+    /// enough.
     fn affinity_pool(&self, open: &[(f64, Candidate)]) -> Vec<usize> {
         let all: Vec<usize> = (0..open.len()).collect();
-        if !self.prefix_affinity {
+        let min_blocks = self.min_prefix_blocks.max(1);
+        let matched = |i: usize| open[i].1.prefix.matched_blocks;
+        if !self.prefix_affinity || all.iter().all(|&i| matched(i) < min_blocks) {
             return all;
         }
         let least = open[0].0;
         let slack = self.affinity_slack.max(self.affinity_slack_ratio * least);
-        let near = || (0..open.len()).filter(|&i| open[i].0 <= least + slack);
-        let best = near()
-            .map(|i| open[i].1.prefix.matched_blocks)
-            .max()
-            .unwrap_or(0);
-        if best < self.min_prefix_blocks.max(1) {
+        let weight = |i: usize| f64::from(open[i].1.backend.weight.max(1));
+        let total_rate: f64 = open.iter().map(|(_, c)| c.sent_rate).sum();
+        let total_weight: f64 = all.iter().map(|&i| weight(i)).sum();
+        // What a backend would be sent at the pace of the others (per unit
+        // of weight): measured against the others, not a mean it is part of,
+        // so a heavily weighted backend taking everything is caught too.
+        let within_share = |i: usize| {
+            let others_weight = total_weight - weight(i);
+            if others_weight <= 0.0 {
+                return true;
+            }
+            let share = (total_rate - open[i].1.sent_rate) * weight(i) / others_weight;
+            open[i].1.sent_rate <= (1.0 + self.affinity_balance) * share + self.affinity_rate_floor
+        };
+        let eligible: Vec<usize> = all
+            .iter()
+            .copied()
+            .filter(|&i| open[i].0 <= least + slack && within_share(i))
+            .collect();
+        let Some(best) = eligible.iter().map(|&i| matched(i)).max() else {
             return all;
+        };
+        if best < min_blocks {
+            // The backends holding the prompt are past their share: the
+            // others take it, and will hold it too.
+            return eligible;
         }
-        near()
-            .filter(|&i| open[i].1.prefix.matched_blocks == best)
+        eligible
+            .into_iter()
+            .filter(|&i| matched(i) == best)
             .collect()
     }
 }
@@ -609,9 +665,52 @@ mod tests {
         let fleet = [holder.clone(), other.clone()];
         assert_eq!(scorer_counts(&fleet, "m", 500), [500, 0]);
         // Much busier than the other: load wins.
-        holder.backend.in_flight = 6;
+        holder.backend.in_flight = 40;
         let fleet = [holder, other];
         assert!(scorer_counts(&fleet, "m", 500)[0] < 20);
+    }
+
+    #[test]
+    fn a_holder_past_its_share_of_the_traffic_loses_its_pull() {
+        let mut holder = candidate("holder", None, 8);
+        let mut other = candidate("other", None, 0);
+        other.sent_rate = 9.0;
+        holder.sent_rate = 20.0;
+        let fleet = [holder.clone(), other.clone()];
+        // 20 req/s against the other's 9 (+50% and 2): the other takes it.
+        assert_eq!(scorer_counts(&fleet, "m", 500), [0, 500]);
+        holder.sent_rate = 11.0;
+        let fleet = [holder, other];
+        assert_eq!(scorer_counts(&fleet, "m", 500), [500, 0]);
+    }
+
+    /// One prompt sent over and over (every client shares it) to two equally
+    /// fast backends weighted 3:1: the backend that cached it first keeps
+    /// it only while within its share, then the other caches it too, and
+    /// the split follows the weights.
+    #[test]
+    fn a_prompt_everyone_sends_still_splits_by_the_weights() {
+        let scorer = Scorer::default();
+        let mut fleet = [candidate("a", None, 0), candidate("b", None, 0)];
+        fleet[0].backend.weight = 75;
+        fleet[1].backend.weight = 25;
+        let mut served = [0u32; 2];
+        // Requests 10 ms apart; the rate decays with a 10 s time constant.
+        let decay = (-0.01f64 / 10.0).exp();
+        for seed in 0..2_000 {
+            let first = scorer.rank(fleet.to_vec(), "m", seed)[0]
+                .backend
+                .name
+                .clone();
+            let i = usize::from(first == "b");
+            served[i] += 1;
+            for c in fleet.iter_mut() {
+                c.sent_rate *= decay;
+            }
+            fleet[i].sent_rate += 0.1;
+            fleet[i].prefix.matched_blocks = 10;
+        }
+        assert!((1_400..=1_600).contains(&served[0]), "{served:?}");
     }
 
     #[test]

@@ -178,17 +178,11 @@ impl Upstream {
                     &route.headers,
                     body,
                     load.as_ref(),
+                    &route.prefix.hashes,
                 )
                 .await
             {
-                Attempt::Answered(answer) => {
-                    // The engine now holds this prompt's blocks (by the
-                    // estimate): later turns of the conversation find them.
-                    if answer.parts.status.is_success() {
-                        answer.backend.prefix.serve(&route.prefix.hashes);
-                    }
-                    return Ok(answer);
-                }
+                Attempt::Answered(answer) => return Ok(answer),
                 Attempt::Full => {
                     full.push(target);
                     continue;
@@ -293,6 +287,7 @@ impl Upstream {
         headers: &HeaderMap,
         body: Bytes,
         load: Option<&Arc<ModelLoad>>,
+        prompt: &[u64],
     ) -> Attempt {
         let backend = &target.backend;
         if !backend.is_healthy() {
@@ -314,6 +309,13 @@ impl Upstream {
         if let Some(load) = load {
             slot.track(load.clone());
         }
+        // The engine will hold this prompt's blocks (by the estimate) once
+        // it has prefilled them. Credited now, as the request leaves, so the
+        // conversation's next turns — and the tenant's other requests that
+        // arrive while this one is still queued or prefilling — find them
+        // here, instead of each landing somewhere else and spreading the
+        // prefix over every cache.
+        let matched = backend.prefix.send(prompt);
         let failed_model = || {
             if let Some(load) = load {
                 load.stats.failures.fetch_add(1, AtomicOrdering::Relaxed);
@@ -408,6 +410,9 @@ impl Upstream {
                 error,
                 answer: Some(answer),
             };
+        }
+        if status.is_success() {
+            backend.prefix.count_served(prompt.len(), matched);
         }
         let took = started.elapsed();
         backend.record_success(took);

@@ -88,15 +88,33 @@ impl PrefixCache {
     /// of its leading blocks were here already, then remembers them all.
     /// Returns the blocks matched.
     pub fn serve(&self, blocks: &[u64]) -> usize {
+        let matched = self.send(blocks);
+        self.count_served(blocks.len(), matched);
+        matched
+    }
+
+    /// A request's prompt leaves for this backend: counts how many of its
+    /// leading blocks were here already, then remembers them all. Returns
+    /// the blocks matched, for [`PrefixCache::count_served`] once it is
+    /// answered.
+    pub fn send(&self, blocks: &[u64]) -> usize {
         if blocks.is_empty() {
             return 0;
         }
         let matched = self.matched(blocks);
         self.insert(blocks);
-        self.served_blocks
-            .fetch_add(blocks.len() as u64, Ordering::Relaxed);
-        self.hit_blocks.fetch_add(matched as u64, Ordering::Relaxed);
         matched
+    }
+
+    /// Counts an answered request's prompt in the hit rate: `blocks` in
+    /// it, `matched` of them found here when it was sent.
+    pub fn count_served(&self, blocks: usize, matched: usize) {
+        if blocks == 0 {
+            return;
+        }
+        self.served_blocks
+            .fetch_add(blocks as u64, Ordering::Relaxed);
+        self.hit_blocks.fetch_add(matched as u64, Ordering::Relaxed);
     }
 
     /// Blocks of served prompts, and how many of them were found here.
@@ -296,6 +314,19 @@ mod tests {
         assert_eq!(c.serve(&[1, 2, 3, 4]), 3);
         assert_eq!(c.served(), (7, 3));
         assert_eq!(c.to_json()["blocks"], 4);
+    }
+
+    /// A prompt is credited when it leaves, before its answer: a second
+    /// request sent meanwhile finds it; the hit rate counts answers only.
+    #[test]
+    fn sending_credits_at_once_and_answers_count_hits() {
+        let c = cache(100);
+        let first = c.send(&[1, 2, 3]);
+        assert_eq!((first, c.peek(&[1, 2, 3, 9])), (0, 3));
+        assert_eq!(c.served(), (0, 0), "nothing answered yet");
+        let second = c.send(&[1, 2, 3, 4]);
+        c.count_served(4, second);
+        assert_eq!(c.served(), (4, 3));
     }
 
     #[test]
