@@ -148,6 +148,7 @@ function renderFleet() {
       el('td.status', el(`span.badge.${b.healthy ? 'ok' : 'bad'}`, b.healthy ? 'healthy' : 'unhealthy')),
       el('td.num', el('div', `${fmtNum(b.in_flight)} / ${max ? fmtNum(max) : '∞'}`), max ? bar : null),
       el('td.num', fmtNum(b.queued)),
+      ...engineCells(b),
       el('td.num', fmtNum(b.served)),
       el('td.num', fmtNum(b.failures)),
       el('td.num', fmtMs(b.ttfb_ms?.p50), el('div.sub', `p99 ${fmtMs(b.ttfb_ms?.p99)}`)),
@@ -156,7 +157,7 @@ function renderFleet() {
       el('td.sub', fmtAgo(b.last_check, now)),
       el('td.error', { title: b.last_error || '' }, b.last_error || ''),
     );
-  }) : el('tr', el('td.muted', { colSpan: 11 }, 'No backends configured.')));
+  }) : el('tr', el('td.muted', { colSpan: 14 }, 'No backends configured.')));
 
   const errors = backends
     .flatMap((b) => (b.recent_errors || []).map((e) => ({ ...e, backend: b.name })))
@@ -288,3 +289,28 @@ setInterval(() => { if (fleet) renderFleet(); }, 5000);
 window.addEventListener('unhandledrejection', (event) => {
   toast(String(event.reason && event.reason.message || event.reason), 'error');
 });
+
+// The engine's queue and batch, its KV-cache use, and the prefix index's hit
+// rate, for one backend row. An engine whose signals are stale or unknown
+// shows why (its saturation is unknown, not down).
+function engineCells(b) {
+  const engine = b.engine;
+  const prefix = b.prefix_index;
+  const hits = prefix && prefix.hit_rate != null
+    ? el('td.num', `${fmtNum(prefix.hit_rate * 100)} %`, el('div.sub', `${fmtNum(prefix.blocks)} blocks`))
+    : el('td.num.muted', prefix ? 'no traffic' : '—');
+  if (!engine) return [el('td.num.muted', { title: 'no engine configured' }, '—'), el('td.num.muted', '—'), hits];
+  const s = engine.signals || {};
+  const status = engine.status === 'fresh' ? null
+    : el('div.sub', el(`span.badge.${engine.status === 'stale' ? 'warn' : 'bad'}`,
+      { title: engine.error || '' }, engine.status));
+  const kv = s.kv_usage;
+  const bar = el('span.bar', el('span.fill'));
+  bar.firstChild.style.width = `${kv == null ? 0 : Math.min(100, kv * 100)}%`;
+  return [
+    el('td.num', { title: `${engine.engine}, read ${fmtNum(engine.age_ms)} ms ago` },
+      el('div', `${fmtNum(s.waiting)} / ${fmtNum(s.running)}`), el('div.sub', engine.engine), status),
+    el('td.num', el('div', kv == null ? '—' : `${fmtNum(kv * 100)} %`), kv == null ? null : bar),
+    hits,
+  ];
+}

@@ -227,7 +227,8 @@ enum Command {
         /// Tokens per KV block.
         #[arg(long, env = "SLUICE_MOCK_BLOCK_TOKENS", default_value_t = 16)]
         block_tokens: u32,
-        /// Prefill time per prompt token not in the cache, in microseconds.
+        /// Prefill time per prompt token not in the cache, in microseconds;
+        /// one prompt is prefilled at a time (the others wait, as queued).
         #[arg(long, env = "SLUICE_MOCK_PREFILL_US_PER_TOKEN", default_value_t = 0)]
         prefill_us_per_token: u64,
         /// Requests decoded at once; more wait in the engine's queue.

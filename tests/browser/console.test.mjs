@@ -51,12 +51,12 @@ const activeVersion = () => page.locator('#chain [data-policy="router"] .active-
 
 before(async () => {
   assert.ok(existsSync(sluiceBin), `no sluice binary at ${sluiceBin} (build it, or set SLUICE_BIN)`);
-  vm01 = await startMock('vm01', ['m1', 'm2']);
+  vm01 = await startMock('vm01', ['m1', 'm2'], 30, ['--engine', 'vllm']);
   vm02 = await startMock('vm02', ['m1']);
   gateway = await startGateway({
     token: TOKEN,
     backends: [
-      { name: 'vm01', url: vm01.url, models: ['m1', 'm2'], maxConcurrent: 4 },
+      { name: 'vm01', url: vm01.url, models: ['m1', 'm2'], maxConcurrent: 4, engine: 'vllm' },
       { name: 'vm02', url: vm02.url, models: ['m1'] },
     ],
   });
@@ -98,6 +98,12 @@ test('the console asks for the admin token once and lists both backends healthy'
   assert.deepEqual(models.sort(), ['m1', 'm2']);
   assert.match(await page.locator('#models tr[data-model="m1"]').textContent(), /vm01.*vm02/);
   assert.equal(await page.locator('[data-stat="backends-healthy"] .value').textContent(), '2 / 2');
+  // vm01 runs a simulated vLLM engine: its queue, batch and KV cache show as
+  // scraped from its /metrics; vm02 has no engine configured.
+  const cell = (name, n) => page.locator(`#backends tr[data-backend="${name}"] td:nth-child(${n})`);
+  await until('vm01 engine signals shown', async () => /^0 \/ 0vllm$/.test(await cell('vm01', 5).textContent()), STEP);
+  assert.equal(await cell('vm01', 6).textContent(), '0 %');
+  assert.equal(await cell('vm02', 5).textContent(), '—');
   await screenshot(page, 'fleet-healthy');
 
   // A reload keeps the token for this tab: no second question.

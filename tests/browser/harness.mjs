@@ -117,12 +117,12 @@ function addressFrom(child, label, ms) {
 }
 
 /** One simulated GPU backend (`sluice mock-backend`) on a free loopback port. */
-export async function startMock(name, models, tokenIntervalMs = 30) {
+export async function startMock(name, models, tokenIntervalMs = 30, extraArgs = []) {
   for (let attempt = 0; ; attempt++) {
     const port = await freePort();
     const child = start(`mock-${name}`, sluiceBin, [
       'mock-backend', '--listen', `127.0.0.1:${port}`, '--name', name,
-      '--models', models.join(','), '--token-interval-ms', String(tokenIntervalMs),
+      '--models', models.join(','), '--token-interval-ms', String(tokenIntervalMs), ...extraArgs,
     ], cleanEnv());
     const url = `http://127.0.0.1:${port}`;
     try {
@@ -169,6 +169,7 @@ export async function startGateway({ backends, token }) {
       `url = ${JSON.stringify(b.url)}`,
       `models = ${JSON.stringify(b.models)}`,
       `max_concurrent_requests = ${b.maxConcurrent ?? 8}`,
+      ...(b.engine ? [`engine = ${JSON.stringify(b.engine)}`] : []),
       '',
     ]),
   ].join('\n');

@@ -1,13 +1,31 @@
-//! `sluice demo`: the gateway and two simulated GPU servers in one process,
-//! in the field's first scenario (glm4-9b on vm01 and vm02, qwen2.5-1.5b
-//! only on vm01), so the whole request path can be tried with no setup.
+//! `sluice demo`: the gateway and three simulated GPU servers in one
+//! process, in the field's first scenario (glm4-9b on vm01 and vm02,
+//! qwen2.5-1.5b only on vm01) plus vm03, a simulated SGLang serving glm4-9b,
+//! so the whole request path can be tried with no setup. vm01 and vm03 run
+//! the simulated engine (a KV cache that remembers prompt prefixes, prefill
+//! time per uncached token, a bounded batch, `/metrics`), and the gateway
+//! scrapes them: the console shows their queues, KV-cache use and prefix
+//! hit rates, and a conversation that resends its history goes back where
+//! its prefix is cached.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::config::{BackendConfig, Config, PolicyConfig};
+use crate::config::{BackendConfig, Config, EngineKind, PolicyConfig};
 use crate::dataplane::server;
 use crate::tools::mock::{Flavor, MockBackend, MockConfig};
+use crate::tools::mock_engine::{EngineModel, MetricsFlavor};
+
+/// A small GPU: 2,048 blocks of 16 tokens, 0.2 ms per uncached prompt token.
+fn engine(metrics: MetricsFlavor) -> Option<EngineModel> {
+    Some(EngineModel {
+        kv_blocks: 2048,
+        block_tokens: 16,
+        prefill_per_token: Duration::from_micros(200),
+        max_batch: 16,
+        metrics,
+    })
+}
 
 pub async fn run(
     listen: SocketAddr,
@@ -21,21 +39,22 @@ pub async fn run(
         config
     };
     let local = SocketAddr::from(([127, 0, 0, 1], 0));
-    let vm01 = MockBackend::start(
-        local,
-        pace(
-            MockConfig::new("vm01", &["glm4-9b", "qwen2.5-1.5b"]),
-            Flavor::Vllm,
-        ),
-    )
-    .await?;
+    let mut vm01 = pace(
+        MockConfig::new("vm01", &["glm4-9b", "qwen2.5-1.5b"]),
+        Flavor::Vllm,
+    );
+    vm01.engine = engine(MetricsFlavor::Vllm);
+    let vm01 = MockBackend::start(local, vm01).await?;
     let vm02 = MockBackend::start(
         local,
         pace(MockConfig::new("vm02", &["glm4-9b"]), Flavor::Ollama),
     )
     .await?;
+    let mut vm03 = pace(MockConfig::new("vm03", &["glm4-9b"]), Flavor::Vllm);
+    vm03.engine = engine(MetricsFlavor::Sglang);
+    let vm03 = MockBackend::start(local, vm03).await?;
 
-    let backend = |name: &str, url: String, models: &[&str]| BackendConfig {
+    let backend = |name: &str, url: String, models: &[&str], engine| BackendConfig {
         name: name.into(),
         url,
         models: models.iter().map(|m| m.to_string()).collect(),
@@ -43,13 +62,19 @@ pub async fn run(
         weight: 1,
         api_key: None,
         health_path: None,
-        engine: Default::default(),
+        engine,
         metrics_url: None,
     };
     let mut config = Config {
         backends: vec![
-            backend("vm01", vm01.url(), &["glm4-9b", "qwen2.5-1.5b"]),
-            backend("vm02", vm02.url(), &["glm4-9b"]),
+            backend(
+                "vm01",
+                vm01.url(),
+                &["glm4-9b", "qwen2.5-1.5b"],
+                EngineKind::Vllm,
+            ),
+            backend("vm02", vm02.url(), &["glm4-9b"], EngineKind::None),
+            backend("vm03", vm03.url(), &["glm4-9b"], EngineKind::Sglang),
         ],
         policies: vec![PolicyConfig {
             name: "router".into(),
@@ -91,9 +116,12 @@ pub async fn run(
     println!(
         r#"
 Sluice demo: gateway on http://{addr}
-  vm01 (simulated vLLM)   {vm01_url}  serves glm4-9b, qwen2.5-1.5b
-  vm02 (simulated Ollama) {vm02_url}  serves glm4-9b
-  policy chain: builtin:model-router (aliases glm4 -> glm4-9b, qwen -> qwen2.5-1.5b)
+  vm01 (simulated vLLM)   {vm01_url}  serves glm4-9b, qwen2.5-1.5b  (engine metrics scraped)
+  vm02 (simulated Ollama) {vm02_url}  serves glm4-9b                (no engine metrics)
+  vm03 (simulated SGLang) {vm03_url}  serves glm4-9b                (engine metrics scraped)
+  policy chain: builtin:model-router (aliases glm4 -> glm4-9b, qwen -> qwen2.5-1.5b),
+  scoring on engine queues and KV cache, and prefix affinity: a conversation that resends
+  its history goes back where its prefix is cached (the console shows each backend's hits)
 
 Console: http://{console}/  (fleet, live charts, policies, usage, playground; the demo
   sets no admin token, so it opens without signing in — loopback only)
@@ -111,6 +139,7 @@ Try (the x-sluice-backend response header says who answered):
 Ctrl-C stops it."#,
         vm01_url = vm01.url(),
         vm02_url = vm02.url(),
+        vm03_url = vm03.url(),
     );
     server::serve(
         listener,

@@ -350,10 +350,9 @@ async fn generate(
         None => Vec::new(),
     };
     if !stream {
+        // Prefilled on return.
         let seat = admit(&shared, &words, count).await;
-        let prefill = seat.as_ref().map_or(Duration::ZERO, |s| s.prefill);
-        tokio::time::sleep(config.first_token_delay + prefill + config.token_interval * count)
-            .await;
+        tokio::time::sleep(config.first_token_delay + config.token_interval * count).await;
         drop(seat);
         let text: String = tokens.concat();
         let choice = if chat {
@@ -399,9 +398,9 @@ async fn generate(
             }
             sse(&c)
         };
+        // Prefilled on return.
         let _seat = admit(&shared, &words, count).await;
-        let prefill = _seat.as_ref().map_or(Duration::ZERO, |s| s.prefill);
-        tokio::time::sleep(config.first_token_delay + prefill).await;
+        tokio::time::sleep(config.first_token_delay).await;
         if config.flavor == Flavor::Vllm
             && chat
             && tx
@@ -461,7 +460,7 @@ async fn generate(
 }
 
 /// A place in the simulated engine's batch (waiting for one in its
-/// queue); `None` without an engine.
+/// queue), its prompt prefilled; `None` without an engine.
 async fn admit(
     shared: &Shared,
     words: &[String],

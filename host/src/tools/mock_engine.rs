@@ -72,11 +72,23 @@ pub struct Engine {
     /// KV blocks held by running requests.
     blocks_in_use: AtomicU64,
     cache: Mutex<PrefixCache>,
+    /// Held by the request being prefilled.
+    prefill_lane: tokio::sync::Mutex<()>,
     /// Prompt tokens asked for and found in the cache, ever.
     pub prefix_queries: AtomicU64,
     pub prefix_hits: AtomicU64,
     fault: AtomicU8,
     model_name: String,
+}
+
+/// Counts a request as waiting until dropped (also when its client goes
+/// away while it waits).
+struct Queued<'a>(&'a Engine);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A request's place in the running batch and its KV blocks, given back
@@ -109,6 +121,7 @@ impl Engine {
             running: AtomicU64::new(0),
             blocks_in_use: AtomicU64::new(0),
             cache: Mutex::new(PrefixCache::new(capacity)),
+            prefill_lane: tokio::sync::Mutex::new(()),
             prefix_queries: AtomicU64::new(0),
             prefix_hits: AtomicU64::new(0),
             fault: AtomicU8::new(MetricsFault::None as u8),
@@ -134,14 +147,19 @@ impl Engine {
         (used / f64::from(self.model.kv_blocks.max(1))).min(1.0)
     }
 
-    /// Waits for a place in the batch, then looks the prompt's blocks up
-    /// in the cache: the prefill covers only the tokens after the cached
-    /// prefix. `answer_tokens` are the blocks decode will fill.
+    /// Waits for a place in the batch, then for the prefill lane (one
+    /// prefill at a time: it is compute-bound, and a GPU that prefills
+    /// two prompts at once takes as long as doing them in turn), looks the
+    /// prompt's blocks up in the cache and prefills the tokens after the
+    /// cached prefix. Returns once the first token could be sampled;
+    /// `answer_tokens` are the blocks decode will fill. A request counts as
+    /// waiting until its prefill starts, then as running.
     pub async fn admit(self: &Arc<Self>, prompt: &[&str], answer_tokens: u32) -> Option<Seat> {
         self.waiting.fetch_add(1, Ordering::Relaxed);
-        let permit = self.batch.clone().acquire_owned().await;
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
-        let permit = permit.ok()?;
+        let queued = Queued(self);
+        let permit = self.batch.clone().acquire_owned().await.ok()?;
+        let lane = self.prefill_lane.lock().await;
+        drop(queued);
         let block = self.model.block_tokens.max(1) as usize;
         let hashes = block_hashes(prompt, block);
         let cached_blocks = match self.cache.lock() {
@@ -157,12 +175,15 @@ impl Engine {
         let blocks = (prompt.len() + answer_tokens as usize).div_ceil(block) as u64;
         self.blocks_in_use.fetch_add(blocks, Ordering::Relaxed);
         self.running.fetch_add(1, Ordering::Relaxed);
-        Some(Seat {
+        let seat = Seat {
             engine: self.clone(),
             _permit: permit,
             blocks,
             prefill: self.model.prefill_per_token * uncached,
-        })
+        };
+        tokio::time::sleep(seat.prefill).await;
+        drop(lane);
+        Some(seat)
     }
 
     /// The `/metrics` body, or the fault's misbehaviour.
