@@ -50,6 +50,7 @@ class Outcome:
     backend: str | None
     status: int
     error: str | None = None
+    tenant: int | None = None
 
 
 @dataclass
@@ -78,6 +79,10 @@ class RateResult:
             "output_tokens_per_s": sum(o.output_tokens for o in ok) / self.duration_s if self.duration_s else 0.0,
             "per_backend": dict(sorted(per_backend.items(), key=lambda kv: str(kv[0]))),
             "max_over_mean_load": (max(loads) / mean) if mean else None,
+            # How many backends each tenant's requests went to, on average:
+            # 1 keeps every tenant's prefix in one cache.
+            "backends_per_tenant": statistics.mean(
+                len({o.backend for o in ok if o.tenant == t}) for t in {o.tenant for o in ok}) if ok else None,
         }
 
 
@@ -130,7 +135,7 @@ class Conversation:
         self.messages.append({"role": "assistant", "content": answer})
 
 
-def send(url: str, body: dict, timeout: float) -> tuple[Outcome, str]:
+def send(url: str, body: dict, timeout: float, headers: dict | None = None) -> tuple[Outcome, str]:
     """One streamed chat request: its outcome and the answer's text."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
@@ -141,7 +146,7 @@ def send(url: str, body: dict, timeout: float) -> tuple[Outcome, str]:
             "POST",
             "/v1/chat/completions",
             body=json.dumps(body),
-            headers={"content-type": "application/json", "authorization": "Bearer sk-bench"},
+            headers={"content-type": "application/json", "authorization": "Bearer sk-bench", **(headers or {})},
         )
         response = conn.getresponse()
         backend = response.getheader("x-sluice-backend")
@@ -175,10 +180,12 @@ def send(url: str, body: dict, timeout: float) -> tuple[Outcome, str]:
 
 
 def run_rate(url: str, model: str, rate: float, duration_s: float, workload: Workload,
-             timeout_s: float = 120.0, max_in_flight: int = 512) -> RateResult:
+             timeout_s: float = 120.0, max_in_flight: int = 512,
+             headers_for=None) -> RateResult:
     """Sends Poisson arrivals at `rate` requests/s for `duration_s`, then waits
     (up to `timeout_s`) for the requests in flight. Each arrival is the next
-    turn of an idle conversation."""
+    turn of an idle conversation. `headers_for(n)`, when given, adds headers
+    to the n-th request (the round-robin arm names its backend so)."""
     rng = random.Random(workload.seed)
     systems = [f"Tenant {t} instructions. " + text(random.Random(workload.seed * 1000 + t), workload.system_chars)
                for t in range(workload.tenants)]
@@ -191,8 +198,9 @@ def run_rate(url: str, model: str, rate: float, duration_s: float, workload: Wor
     result = RateResult(rate=rate, duration_s=duration_s, sent=0)
     threads: list[threading.Thread] = []
 
-    def one(conversation: Conversation, body: dict):
-        outcome, answer = send(url, body, timeout_s)
+    def one(conversation: Conversation, body: dict, headers: dict | None):
+        outcome, answer = send(url, body, timeout_s, headers)
+        outcome.tenant = conversation.tenant
         with lock:
             result.outcomes.append(outcome)
             if outcome.error is None:
@@ -222,8 +230,9 @@ def run_rate(url: str, model: str, rate: float, duration_s: float, workload: Wor
             conversation = rng.choice(idle)
             conversation.busy = True
             body = conversation.next_body(model)
+            headers = headers_for(result.sent) if headers_for else None
             result.sent += 1
-        thread = threading.Thread(target=one, args=(conversation, body), daemon=True)
+        thread = threading.Thread(target=one, args=(conversation, body, headers), daemon=True)
         thread.start()
         threads.append(thread)
     deadline = time.monotonic() + timeout_s

@@ -227,7 +227,8 @@ class LlamaServer:
     """`python -m llama_cpp.server` serving a GGUF file on CPU."""
 
     def __init__(self, name: str, model: str, log_dir: Path, alias: str | None = None,
-                 config: dict | None = None, threads: int = 1):
+                 config: dict | None = None, threads: int = 1, extra: list[str] | None = None):
+        self.extra = extra or []
         self.name = name
         self.model = model
         self.alias = alias
@@ -255,6 +256,7 @@ class LlamaServer:
                     "--n_ctx", "2048", "--verbose", "False"]
             if self.alias:
                 args += ["--model_alias", self.alias]
+            args += self.extra
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", *args],

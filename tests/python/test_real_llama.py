@@ -28,7 +28,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from harness import Gateway, LlamaServer, backend_toml, http_json, openai_client, wait_until
+from harness import REPO, Gateway, LlamaServer, backend_toml, http_json, openai_client, wait_until
 
 pytestmark = pytest.mark.real
 
@@ -322,3 +322,114 @@ def test_real_health_probes_do_not_cut_streams(gguf, tmp_path):
         if gw is not None:
             gw.stop()
         a.stop()
+
+
+# Words for the tenants' long instructions: distinct per tenant and per
+# arm, so no arm finds another's prompts cached.
+_WORDS = ("river stone lantern harbour ledger orchard copper meadow signal "
+          "window thunder basket garden candle mirror velvet anchor timber").split()
+
+
+def _instructions(tenant: int, arm: str, words: int = 420) -> str:
+    import random
+    rng = random.Random(f"{arm}-{tenant}")
+    return (f"You are assistant {tenant}. House rules follow. "
+            + " ".join(rng.choice(_WORDS) for _ in range(words)) + ".\n\n")
+
+
+def _converse(gw: Gateway, arm: str, tenants: int, turns: int, headers_for) -> list[dict]:
+    """Interleaved multi-turn conversations, one request at a time (tenant 0
+    turn 1, tenant 1 turn 1, …, then every tenant's turn 2, …). Gemma's chat
+    format has no system role: a tenant's long instructions open its first
+    user message, which every later turn resends. Returns each request's
+    tenant, turn, backend and time to first token."""
+    client = openai_client(gw, timeout=300.0)
+    history = {t: [] for t in range(tenants)}
+    seen = []
+    n = 0
+    for turn in range(1, turns + 1):
+        for t in range(tenants):
+            question = f"Question {turn}: name one colour."
+            content = (_instructions(t, arm) + question) if turn == 1 else question
+            history[t].append({"role": "user", "content": content})
+            started = time.monotonic()
+            raw = client.chat.completions.with_raw_response.create(
+                model=MODEL, messages=history[t], max_tokens=6, temperature=0, stream=True,
+                extra_headers=headers_for(n))
+            ttft, pieces = None, []
+            for chunk in raw.parse():
+                piece = chunk.choices[0].delta.content if chunk.choices else None
+                if piece:
+                    if ttft is None:
+                        ttft = time.monotonic() - started
+                    pieces.append(piece)
+            assert ttft is not None, f"no content streamed for tenant {t} turn {turn}"
+            history[t].append({"role": "assistant", "content": "".join(pieces)})
+            seen.append({"tenant": t, "turn": turn, "backend": raw.headers["x-sluice-backend"], "ttft": ttft})
+            n += 1
+    return seen
+
+
+def test_real_prefix_affinity_saves_the_shared_prefill(gguf, tmp_path):
+    """Two llama.cpp servers with the prompt cache on (`--cache`: each keeps
+    the states of the prompts it evaluated and resumes from the longest
+    cached prefix). Three tenants, each with ~600 tokens of instructions,
+    hold three-turn conversations, interleaved, one request at a time.
+
+    Round-robin (the client names each request's backend in turn, through
+    the `pin-backend` test policy) sends every tenant's second turn to the
+    server that has never seen that tenant: it prefills the instructions
+    again. The bundled router (defaults: prefix affinity) keeps each
+    conversation where its prefix is cached, so later turns prefill only
+    the new question. Asserted: every tenant stays on one server, and the
+    later turns' mean time to first token is well below round-robin's."""
+    pin = REPO / "target" / "guests" / "wasm32-wasip2" / "guest" / "pin_backend.wasm"
+    assert pin.is_file(), f"{pin} is missing (cargo build -p sluice builds it)"
+    a = LlamaServer("llama-a", gguf, tmp_path, alias=MODEL, extra=["--cache", "True"])
+    b = LlamaServer("llama-b", gguf, tmp_path, alias=MODEL, extra=["--cache", "True"])
+    results = {}
+    try:
+        a.start()
+        b.start()
+        for server in (a, b):  # load the weights before anything is timed
+            status, _, _ = http_json("POST", f"{server.url}/v1/chat/completions",
+                                     {"model": MODEL, "messages": PROMPT, "max_tokens": 2})
+            assert status == 200
+        backends = (backend_toml("llama-a", a.url, [MODEL], max_concurrent_requests=1)
+                    + backend_toml("llama-b", b.url, [MODEL], max_concurrent_requests=1))
+        arms = {
+            "round-robin": (f'[[policies]]\nname = "rr"\nmodule = "{pin}"\nconfig = {{ default = "llama-a" }}\n',
+                            lambda n: {"x-pin-backend": ("llama-a", "llama-b")[n % 2]}),
+            "sluice": ("", lambda n: {}),
+        }
+        for arm, (policy, headers_for) in arms.items():
+            work = tmp_path / arm
+            work.mkdir()
+            gw = Gateway('[server]\nresponse_timeout = "300s"\n\n[usage]\ndisabled = true\n\n'
+                         + backends + policy, work).start()
+            try:
+                results[arm] = _converse(gw, arm, tenants=3, turns=3, headers_for=headers_for)
+            finally:
+                gw.stop()
+    finally:
+        a.stop()
+        b.stop()
+
+    def later_mean(arm):
+        later = [r["ttft"] for r in results[arm] if r["turn"] > 1]
+        return sum(later) / len(later)
+
+    first = {arm: sum(r["ttft"] for r in rs if r["turn"] == 1) / 3 for arm, rs in results.items()}
+    report = {arm: [(r["tenant"], r["turn"], r["backend"], round(r["ttft"], 3)) for r in rs]
+              for arm, rs in results.items()}
+    print(f"\nprefix affinity on llama.cpp: first turns {first}, later turns "
+          f"round-robin {later_mean('round-robin'):.3f} s, sluice {later_mean('sluice'):.3f} s\n{report}")
+    for t in range(3):
+        assert len({r["backend"] for r in results["sluice"] if r["tenant"] == t}) == 1, report
+    # Round-robin moved every second turn to the other server.
+    for r in results["round-robin"]:
+        if r["turn"] == 2:
+            first_backend = next(x["backend"] for x in results["round-robin"]
+                                 if x["tenant"] == r["tenant"] and x["turn"] == 1)
+            assert r["backend"] != first_backend, report
+    assert later_mean("sluice") < 0.7 * later_mean("round-robin"), report
