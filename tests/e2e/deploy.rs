@@ -399,7 +399,7 @@ async fn rollback_remove_and_restart() {
         .unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["active_version"], 3);
-    assert_eq!(list[0]["contract"], "0.2.2");
+    assert_eq!(list[0]["contract"], "0.2.3");
     let versions = list[0]["versions"].as_array().unwrap();
     assert!(versions
         .iter()
