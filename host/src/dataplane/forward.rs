@@ -171,15 +171,7 @@ impl Upstream {
             let body = bodies.for_model(&target.model)?;
             let load = fleet.model_load(&target.model).cloned();
             let (kind, error, answer) = match self
-                .attempt(
-                    &target,
-                    slot,
-                    path_and_query,
-                    &route.headers,
-                    body,
-                    load.as_ref(),
-                    &route.prefix.hashes,
-                )
+                .attempt(&target, slot, path_and_query, route, body, load.as_ref())
                 .await
             {
                 Attempt::Answered(answer) => return Ok(answer),
@@ -284,11 +276,11 @@ impl Upstream {
         target: &Target,
         slot: Option<Slot>,
         path_and_query: &str,
-        headers: &HeaderMap,
+        route: &Route,
         body: Bytes,
         load: Option<&Arc<ModelLoad>>,
-        prompt: &[u64],
     ) -> Attempt {
+        let prompt = &route.prefix.hashes;
         let backend = &target.backend;
         if !backend.is_healthy() {
             // Marked down (probes or repeated failures): nothing is sent,
@@ -330,7 +322,7 @@ impl Upstream {
             backend: backend.name.to_string(),
             detail,
         };
-        let request = match build_request(backend, path_and_query, headers, body) {
+        let request = match build_request(backend, path_and_query, &route.headers, body) {
             Ok(request) => request,
             Err(e) => return failed(AttemptFailureKind::Connect, unreachable(e.to_string())),
         };

@@ -458,32 +458,38 @@ mod tests {
             assert_eq!(d["targets"][0]["backend"], "vm01", "{d}");
         }
 
+        // Variants of the fleet file: how many requests vm01 still gets.
+        let original = std::fs::read_to_string(&fleet_file).unwrap();
+        let on_vm01 = |from: &str, to: &str| {
+            let text = original.replacen(from, to, 1);
+            assert_ne!(text, original);
+            let path = write("variant.toml", &text);
+            async move {
+                let decisions = router(path).await;
+                decisions
+                    .iter()
+                    .filter(|d| d["targets"][0]["backend"] == "vm01")
+                    .count()
+            }
+        };
         // vm01's engine is queueing now: its prefix no longer wins.
-        let busy = std::fs::read_to_string(&fleet_file).unwrap().replacen(
-            "waiting = 0\nrunning = 1",
-            "waiting = 30\nrunning = 16",
-            1,
-        );
-        let decisions = router(write("fleet.toml", &busy)).await;
-        let on_vm01 = decisions
-            .iter()
-            .filter(|d| d["targets"][0]["backend"] == "vm01")
-            .count();
-        assert_eq!(on_vm01, 0, "{decisions:?}");
-
-        // vm01 is idle again but has had far more than its share of the
-        // recent traffic: its prefix no longer wins either.
-        let ahead = std::fs::read_to_string(&fleet_file).unwrap().replacen(
+        let busy = on_vm01("waiting = 0\nrunning = 1", "waiting = 30\nrunning = 16").await;
+        assert_eq!(busy, 0);
+        // vm01 is idle but has had far more than its share of the recent
+        // traffic: its prefix no longer wins either.
+        let ahead = on_vm01(
             "[state.vm01.engine]",
-            "[state.vm01]\nsent_rate = 30.0\n[state.vm02]\nsent_rate = 10.0\n[state.vm01.engine]",
-            1,
-        );
-        let decisions = router(write("fleet.toml", &ahead)).await;
-        let on_vm01 = decisions
-            .iter()
-            .filter(|d| d["targets"][0]["backend"] == "vm01")
-            .count();
-        assert_eq!(on_vm01, 0, "{decisions:?}");
+            "[state.vm01]\nsent_rate = 30.0\n[state.vm02]\nsent_rate = 10.0\n[state.vm03]\nsent_rate = 10.0\n[state.vm01.engine]",
+        )
+        .await;
+        assert_eq!(ahead, 0);
+        // Within its share, it keeps them.
+        let within = on_vm01(
+            "[state.vm01.engine]",
+            "[state.vm01]\nsent_rate = 12.0\n[state.vm02]\nsent_rate = 10.0\n[state.vm03]\nsent_rate = 10.0\n[state.vm01.engine]",
+        )
+        .await;
+        assert_eq!(within, 20);
         let bad = write(
             "bad.toml",
             "[[backends]]\nname = \"vm01\"\nurl = \"http://10.0.0.1:8000\"\n[state.vm01.engine]\nwaiting = 1\n",
