@@ -110,6 +110,30 @@ class Processes:
         self.procs.append(p)
         return p
 
+    def mocks(self, binary: Path, work: Path, count: int, extra: list[str]) -> list[tuple[str, int]]:
+        """Starts `count` simulated backends (vm01, vm02, …) serving MODEL
+        with `extra` flags; returns their names and ports once they answer."""
+        backends = []
+        for i in range(count):
+            name, port = f"vm{i + 1:02}", free_port()
+            self.start([str(binary), "mock-backend", "--listen", f"127.0.0.1:{port}", "--name", name,
+                        "--models", MODEL, *extra], work / f"{name}.log")
+            backends.append((name, port))
+        for _, port in backends:
+            wait_http(f"http://127.0.0.1:{port}/v1/models")
+        return backends
+
+    def gateway(self, binary: Path, work: Path, label: str, toml_of) -> tuple[int, int]:
+        """Starts `sluice serve` on the config `toml_of(listen, admin,
+        state_dir)`; returns its data and admin ports once it is ready."""
+        listen, admin = free_port(), free_port()
+        state = Path(tempfile.mkdtemp(prefix=f"state-{label}-", dir=work))
+        config = work / f"sluice-{label}.toml"
+        config.write_text(toml_of(listen, admin, state))
+        self.start([str(binary), "serve", "--config", str(config)], work / f"sluice-{label}.log")
+        wait_http(f"http://127.0.0.1:{listen}/ready")
+        return listen, admin
+
     def stop_all(self):
         for p in self.procs:
             if p.poll() is None:
@@ -195,27 +219,16 @@ def config_toml(arm: str, listen: int, admin: int, state: Path, backends: list[t
 def run_one(binary: Path, arm: str, rate: float, duration: float, work: Path) -> dict:
     procs = Processes()
     try:
-        backends = []
-        for i in range(ENGINE["backends"]):
-            name, port = f"vm{i + 1:02}", free_port()
-            procs.start([
-                str(binary), "mock-backend", "--listen", f"127.0.0.1:{port}", "--name", name,
-                "--models", MODEL, "--engine", "vllm",
-                "--kv-blocks", str(ENGINE["kv_blocks"]),
-                "--prefill-us-per-token", str(ENGINE["prefill_us_per_token"]),
-                "--token-interval-ms", str(ENGINE["token_interval_ms"]),
-                "--max-batch", str(ENGINE["max_batch"]),
-                "--answer-tokens", str(WORKLOAD.max_tokens),
-            ], work / f"{name}.log")
-            backends.append((name, port))
-        for _, port in backends:
-            wait_http(f"http://127.0.0.1:{port}/v1/models")
-        listen, admin = free_port(), free_port()
-        state = Path(tempfile.mkdtemp(prefix=f"state-{arm}-", dir=work))
-        config = work / f"sluice-{arm}.toml"
-        config.write_text(config_toml(arm, listen, admin, state, backends))
-        procs.start([str(binary), "serve", "--config", str(config)], work / f"sluice-{arm}.log")
-        wait_http(f"http://127.0.0.1:{listen}/ready")
+        backends = procs.mocks(binary, work, ENGINE["backends"], [
+            "--engine", "vllm",
+            "--kv-blocks", str(ENGINE["kv_blocks"]),
+            "--prefill-us-per-token", str(ENGINE["prefill_us_per_token"]),
+            "--token-interval-ms", str(ENGINE["token_interval_ms"]),
+            "--max-batch", str(ENGINE["max_batch"]),
+            "--answer-tokens", str(WORKLOAD.max_tokens),
+        ])
+        listen, _ = procs.gateway(binary, work, arm,
+                                  lambda listen, admin, state: config_toml(arm, listen, admin, state, backends))
         names = [n for n, _ in backends]
         headers_for = (lambda n: {"x-pin-backend": names[n % len(names)]}) if arm == "round-robin" else None
         result = run_rate(f"http://127.0.0.1:{listen}", MODEL, rate, duration, WORKLOAD,

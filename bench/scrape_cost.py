@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prefix import Processes, free_port, log, sluice_binary, wait_http  # noqa: E402
+from prefix import Processes, log, sluice_binary  # noqa: E402
 
 MODEL = "bench-model"
 SETUPS = ["no engine", "vllm, 50 ms", "hanging, 50 ms", "garbage, 50 ms"]
@@ -84,15 +84,16 @@ class BadMetrics:
             pass
 
 
-def config(setup: str, listen: int, admin: int, state: Path, backends: list[int], bad: BadMetrics) -> str:
+def config(setup: str, listen: int, admin: int, state: Path, backends: list[tuple[str, int]],
+           bad: BadMetrics) -> str:
     lines = [
         "[server]", f'listen = "127.0.0.1:{listen}"', f'admin_listen = "127.0.0.1:{admin}"',
         'reload_interval = "0s"', "[usage]", "disabled = true", "access_log = false",
         "[policy_store]", f'state_dir = "{state}"',
         "[engine_metrics]", 'interval = "50ms"', 'timeout = "1s"',
     ]
-    for i, port in enumerate(backends):
-        lines += ["[[backends]]", f'name = "vm{i + 1:02}"', f'url = "http://127.0.0.1:{port}"',
+    for name, port in backends:
+        lines += ["[[backends]]", f'name = "{name}"', f'url = "http://127.0.0.1:{port}"',
                   f'models = ["{MODEL}"]']
         if setup != "no engine":
             lines.append('engine = "vllm"')
@@ -106,20 +107,10 @@ def config(setup: str, listen: int, admin: int, state: Path, backends: list[int]
 def run(binary: Path, setup: str, work: Path, lua: Path, bad: BadMetrics) -> dict:
     procs = Processes()
     try:
-        backends = []
-        for i in range(2):
-            port = free_port()
-            procs.start([str(binary), "mock-backend", "--listen", f"127.0.0.1:{port}", "--name", f"vm{i + 1:02}",
-                         "--models", MODEL, "--engine", "vllm"], work / f"mock{i}.log")
-            backends.append(port)
-        for port in backends:
-            wait_http(f"http://127.0.0.1:{port}/v1/models")
-        listen, admin = free_port(), free_port()
-        state = Path(tempfile.mkdtemp(prefix="state-", dir=work))
-        path = work / "sluice.toml"
-        path.write_text(config(setup, listen, admin, state, backends, bad))
-        procs.start([str(binary), "serve", "--config", str(path)], work / "sluice.log")
-        wait_http(f"http://127.0.0.1:{listen}/ready")
+        backends = procs.mocks(binary, work, 2, ["--engine", "vllm"])
+        label = setup.split(",")[0].replace(" ", "-")
+        listen, admin = procs.gateway(binary, work, label,
+                                      lambda listen, admin, state: config(setup, listen, admin, state, backends, bad))
         time.sleep(1.0)  # a few scrape rounds before the load
         url = f"http://127.0.0.1:{listen}/v1/chat/completions"
         subprocess.run(["wrk", "-t1", f"-c{CONNECTIONS}", "-d3s", "-s", str(lua), url],
